@@ -1,0 +1,122 @@
+//! Keys: the secret key types and the keyrings that wrap and unwrap data keys.
+//!
+//! Every object has its own random 256-bit [`DataKey`]. A keyring wraps it under the practice's
+//! key-encryption key into an [`EncryptedDataKey`] stored in the message header, and unwraps it on
+//! read. Secret types zeroize their bytes on drop and print `[REDACTED]`; public types (key names,
+//! wrapped keys) are kept apart from them.
+//!
+//! - [`local`]: one 256-bit wrapping key per practice and version in a key directory, using the
+//!   AWS Encryption SDK's Raw AES keyring layout so AWS's own SDKs can unwrap it.
+
+pub mod local;
+
+use std::fmt;
+
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+pub use local::{KeyDirectory, KeyName, KeyVersion, PracticeKeys};
+
+/// Length in bytes of data keys and wrapping keys (AES-256).
+pub const KEY_LEN: usize = 32;
+
+/// A message's plaintext data key. The header stores it only wrapped.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct DataKey([u8; KEY_LEN]);
+
+impl DataKey {
+    /// Draws a fresh data key from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut key = DataKey([0; KEY_LEN]);
+        getrandom::fill(&mut key.0).map_err(|_| KeyError::Random)?;
+        Ok(key)
+    }
+
+    /// Wraps bytes that an unwrapping step produced; anything but 32 bytes is rejected.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::DataKeyLength {
+            length: bytes.len(),
+        })?;
+        Ok(DataKey(bytes))
+    }
+
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey([REDACTED])")
+    }
+}
+
+/// A key-encryption key: wraps and unwraps data keys.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct WrappingKey([u8; KEY_LEN]);
+
+impl WrappingKey {
+    /// Draws a fresh wrapping key from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut key = WrappingKey([0; KEY_LEN]);
+        getrandom::fill(&mut key.0).map_err(|_| KeyError::Random)?;
+        Ok(key)
+    }
+
+    /// Takes ownership of key bytes read from a key file; the caller's buffer is zeroized.
+    pub fn from_bytes(mut bytes: Zeroizing<Vec<u8>>) -> Result<Self, KeyError> {
+        let length = bytes.len();
+        let array: [u8; KEY_LEN] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::WrappingKeyLength { length })?;
+        bytes.zeroize();
+        Ok(WrappingKey(array))
+    }
+
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WrappingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WrappingKey([REDACTED])")
+    }
+}
+
+/// Errors from key generation, key files and wrapping.
+///
+/// Messages name files, practices and key names, never key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the operating system's random number generator failed")]
+    Random,
+    #[error("data key has {length} bytes, expected {KEY_LEN}")]
+    DataKeyLength { length: usize },
+    #[error("wrapping key has {length} bytes, expected {KEY_LEN}")]
+    WrappingKeyLength { length: usize },
+    #[error(
+        "no key for practice `{practice}` in {directory}: create one with `callseal keys generate --practice {practice}`"
+    )]
+    NoPracticeKey { practice: String, directory: String },
+    #[error("key file {path} already exists; refusing to overwrite it")]
+    AlreadyExists { path: String },
+    #[error(
+        "key file {path} is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Permissions { path: String, mode: u32 },
+    #[error("invalid key file {path}: {reason}")]
+    InvalidKeyFile { path: String, reason: String },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("no encrypted data key in the message can be unwrapped with the available keys")]
+    NoMatchingKey,
+    #[error("malformed encrypted data key: {0}")]
+    MalformedEdk(&'static str),
+    #[error("unwrapping the data key failed: wrong key or tampered message")]
+    Unwrap,
+}
