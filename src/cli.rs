@@ -16,11 +16,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::config::Config;
 use crate::envelope::{
     self, DEFAULT_FRAME_LENGTH, Decryptor, EncryptionContext, Encryptor, ParsedHeader, io as eio,
 };
 use crate::ids::{ArtifactName, CallId, ObjectId, PracticeId};
 use crate::keys::{KeyDirectory, KeyName, local::NAMESPACE};
+use crate::{demo, server, tls};
 
 /// Inputs at least this large get a progress bar when standard error is a terminal.
 const PROGRESS_THRESHOLD: u64 = 16 * 1024 * 1024;
@@ -47,6 +49,48 @@ enum Command {
     Decrypt(DecryptArgs),
     /// Print a message's header and its verified plaintext length; never a secret.
     Inspect(InspectArgs),
+    /// Run the gateway with a configuration file until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Manage TLS certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run the main job end to end on this machine: a gateway with throwaway certificates, key
+    /// and token, a WAV recording uploaded over HTTPS, read back whole and by range.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Keep the configuration, keys, certificates, stored objects and token in DIR (new or
+    /// empty), so that `callseal serve --config DIR/callseal.toml` serves them again.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
+    /// Upload this file instead of the generated recording.
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a development CA and a `localhost` server certificate signed by it.
+    Dev(DevCertsArgs),
+}
+
+#[derive(Debug, Args)]
+struct DevCertsArgs {
+    /// Directory to write `ca.pem`, `ca-key.pem`, `server.pem` and `server-key.pem` into.
+    #[arg(long, default_value = "certs", value_name = "DIR")]
+    dir: PathBuf,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,7 +207,13 @@ struct InspectArgs {
 /// Runs the command line and maps failures to an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The gateway logs its requests; the one-shot commands report through their own output.
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(default_level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -173,13 +223,32 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to standard error at `default_level`, or at the filter in `CALLSEAL_LOG`.
+fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CALLSEAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
+        .with_writer(|| LossyStderr)
+        .with_ansi(io::stderr().is_terminal())
         .try_init();
+}
+
+/// Standard error for log lines, ignoring write failures: a closed or full log sink must not
+/// stop the gateway (tracing-subscriber reports a failed write with `eprintln!`, which panics
+/// when standard error itself is the failing sink).
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        let _ = io::stderr().write_all(buffer);
+        Ok(buffer.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -188,7 +257,47 @@ fn run(cli: Cli) -> Result<()> {
         Command::Encrypt(args) => encrypt(args),
         Command::Decrypt(args) => decrypt(args),
         Command::Inspect(args) => inspect(args),
+        Command::Serve(args) => serve(args),
+        Command::Certs(CertsCommand::Dev(args)) => dev_certs(args),
+        Command::Demo(args) => {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(demo::run(args.keep.as_deref(), args.input.as_deref()))?;
+            Ok(())
+        }
     }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(server::serve(config, shutdown_signal()))
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn dev_certs(args: DevCertsArgs) -> Result<()> {
+    let paths = tls::write_dev_certs(&args.dir, args.force)?;
+    println!(
+        "wrote a development CA and a localhost certificate to {}",
+        args.dir.display()
+    );
+    println!(
+        "trust {} in clients; never use these files in production",
+        paths.ca_cert.display()
+    );
+    Ok(())
 }
 
 fn keys(command: KeysCommand) -> Result<()> {

@@ -8,13 +8,25 @@
 //! - [`keys`]: data keys, wrapping keys and keyrings.
 //! - [`storage`]: object storage with atomic, create-only writes.
 //! - [`tls`]: the rustls server configuration and development certificates.
+//! - [`config`]: the gateway's TOML configuration.
+//! - [`auth`]: bearer tokens and what each may access.
+//! - [`metrics`]: Prometheus metrics of the process.
+//! - [`admin`]: the admin listener for health, readiness and metrics.
+//! - [`server`]: the HTTPS gateway: routes, streaming, limits and shutdown.
+//! - [`demo`]: the main job end to end with nothing set up.
 //! - [`cli`]: the `callseal` command.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod auth;
 pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod envelope;
 pub mod ids;
 pub mod keys;
+pub mod metrics;
+pub mod server;
 pub mod storage;
 pub mod tls;

@@ -1,0 +1,509 @@
+//! The gateway's configuration: one TOML file.
+//!
+//! Every error names the file, the key and what is wrong, and the gateway refuses to start on
+//! any of them. Secrets (token hashes) may be given inline or read from a `*_file` path, so the
+//! TOML file itself can be public. Relative paths are resolved against the directory of the
+//! configuration file, not the working directory.
+//!
+//! ```toml
+//! [listen]
+//! data = "127.0.0.1:8443"     # HTTPS: uploads, reads, webhooks
+//! admin = "127.0.0.1:9090"    # plain HTTP: /healthz, /readyz, /metrics
+//!
+//! [tls]
+//! cert = "certs/server.pem"
+//! key = "certs/server-key.pem"
+//!
+//! [storage]
+//! kind = "local"              # or "memory" (tests only: nothing survives a restart)
+//! path = "data"
+//!
+//! [keys]
+//! directory = "keys"
+//!
+//! [[practices]]
+//! id = "clinic-1"
+//!
+//! [[tokens]]
+//! name = "back-office"
+//! sha256_file = "secrets/back-office.sha256"   # or sha256 = "<64 hex digits>"
+//! practices = ["clinic-1"]
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::envelope::{DEFAULT_FRAME_LENGTH, MAX_FRAME_LENGTH};
+use crate::ids::PracticeId;
+use crate::tls::TlsSettings;
+
+/// A configuration error: which file, which key, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration {file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub tls: TlsSettings,
+    pub storage: StorageSettings,
+    pub keys: KeySettings,
+    pub envelope: EnvelopeSettings,
+    pub limits: Limits,
+    pub practices: Vec<Practice>,
+    pub tokens: Vec<Token>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// The HTTPS data listener.
+    pub data: SocketAddr,
+    /// The plain-HTTP admin listener; keep it on loopback or a private interface.
+    #[serde(default = "default_admin_address")]
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageSettings {
+    /// Objects under a local directory.
+    Local { path: PathBuf },
+    /// Objects in memory, lost on exit: for tests and demonstrations.
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// The local key directory: `{directory}/{practice}/v{N}.key`.
+    pub directory: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeSettings {
+    /// Plaintext bytes per frame of newly written objects.
+    #[serde(default = "default_frame_length")]
+    pub frame_length: u32,
+}
+
+impl Default for EnvelopeSettings {
+    fn default() -> Self {
+        EnvelopeSettings {
+            frame_length: DEFAULT_FRAME_LENGTH,
+        }
+    }
+}
+
+/// Connection and request limits of the data listener.
+///
+/// # Defaults
+///
+/// | key | default | why |
+/// |---|---|---|
+/// | `header_read_timeout_secs` | 10 | a client has this long for the TLS handshake and for each request's headers |
+/// | `idle_timeout_secs` | 60 | a connection with no bytes moving either way for this long is closed |
+/// | `max_header_bytes` | 16384 | request header block limit; larger gets 431 (HTTP/1.1) or a stream reset (h2) |
+/// | `max_upload_bytes` | 4294967296 | plaintext per upload (4 GiB: a two-hour stereo call at 16 kHz is about 0.5 GiB) |
+/// | `max_connections` | 1024 | concurrent connections; more wait in the kernel's accept queue |
+/// | `shutdown_grace_secs` | 30 | in-flight requests get this long to finish at shutdown, then are aborted |
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub header_read_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_header_bytes: usize,
+    pub max_upload_bytes: u64,
+    pub max_connections: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_header_bytes: 16 * 1024,
+            max_upload_bytes: 4 * 1024 * 1024 * 1024,
+            max_connections: 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Limits {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Practice {
+    pub id: PracticeId,
+}
+
+/// A bearer token: only the SHA-256 of the token is configured, never the token.
+#[derive(Clone)]
+pub struct Token {
+    /// A label for logs and the audit trail; not secret.
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub practices: BTreeSet<PracticeId>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .field("practices", &self.practices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The file as written, before validation and path resolution.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Listen,
+    tls: TlsSettings,
+    storage: StorageSettings,
+    keys: KeySettings,
+    #[serde(default)]
+    envelope: EnvelopeSettings,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    practices: Vec<Practice>,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    sha256: Option<String>,
+    sha256_file: Option<PathBuf>,
+    practices: Vec<PracticeId>,
+}
+
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+fn default_frame_length() -> u32 {
+    DEFAULT_FRAME_LENGTH
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            file: path.display().to_string(),
+            message: format!("cannot read the file: {error}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|message| ConfigError {
+            file: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses and validates configuration text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|error| describe_toml_error(text, &error))?;
+        let resolve = |path: &Path| {
+            if path.is_absolute() {
+                path.to_owned()
+            } else {
+                base.join(path)
+            }
+        };
+
+        if raw.envelope.frame_length == 0 || raw.envelope.frame_length > MAX_FRAME_LENGTH {
+            return Err(format!(
+                "key `envelope.frame_length`: {} is outside 1..={MAX_FRAME_LENGTH}",
+                raw.envelope.frame_length
+            ));
+        }
+        check_limits(&raw.limits)?;
+
+        let mut practice_ids = BTreeSet::new();
+        for (index, practice) in raw.practices.iter().enumerate() {
+            if !practice_ids.insert(practice.id.clone()) {
+                return Err(format!(
+                    "key `practices[{index}].id`: practice `{}` is listed twice",
+                    practice.id
+                ));
+            }
+        }
+
+        let mut tokens = Vec::new();
+        for (index, token) in raw.tokens.into_iter().enumerate() {
+            tokens.push(validate_token(index, token, &practice_ids, &resolve)?);
+        }
+        let mut hashes = BTreeSet::new();
+        for (index, token) in tokens.iter().enumerate() {
+            if !hashes.insert(token.sha256) {
+                return Err(format!(
+                    "key `tokens[{index}]`: the same token hash is configured twice"
+                ));
+            }
+        }
+
+        let tls = TlsSettings {
+            cert: resolve(&raw.tls.cert),
+            key: resolve(&raw.tls.key),
+            client_ca: raw.tls.client_ca.as_deref().map(resolve),
+            ..raw.tls
+        };
+        let storage = match raw.storage {
+            StorageSettings::Local { path } => StorageSettings::Local {
+                path: resolve(&path),
+            },
+            StorageSettings::Memory => StorageSettings::Memory,
+        };
+        Ok(Config {
+            listen: raw.listen,
+            tls,
+            storage,
+            keys: KeySettings {
+                directory: resolve(&raw.keys.directory),
+            },
+            envelope: raw.envelope,
+            limits: raw.limits,
+            practices: raw.practices,
+            tokens,
+        })
+    }
+
+    pub fn practice(&self, id: &PracticeId) -> Option<&Practice> {
+        self.practices.iter().find(|practice| &practice.id == id)
+    }
+}
+
+fn check_limits(limits: &Limits) -> Result<(), String> {
+    let positive = [
+        ("header_read_timeout_secs", limits.header_read_timeout_secs),
+        ("idle_timeout_secs", limits.idle_timeout_secs),
+        ("max_header_bytes", limits.max_header_bytes as u64),
+        ("max_connections", limits.max_connections as u64),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(format!("key `limits.{key}`: must be greater than 0"));
+        }
+    }
+    if limits.max_header_bytes < 1024 {
+        return Err("key `limits.max_header_bytes`: must be at least 1024".into());
+    }
+    Ok(())
+}
+
+fn validate_token(
+    index: usize,
+    token: RawToken,
+    practices: &BTreeSet<PracticeId>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Token, String> {
+    let key = format!("tokens[{index}]");
+    let hex_digest = match (token.sha256, token.sha256_file) {
+        (Some(digest), None) => digest,
+        (None, Some(file)) => {
+            let file = resolve(&file);
+            std::fs::read_to_string(&file).map_err(|error| {
+                format!(
+                    "key `{key}.sha256_file`: cannot read {}: {error}",
+                    file.display()
+                )
+            })?
+        }
+        _ => {
+            return Err(format!(
+                "key `{key}`: set exactly one of `sha256` and `sha256_file`"
+            ));
+        }
+    };
+    let mut sha256 = [0u8; 32];
+    hex::decode_to_slice(hex_digest.trim(), &mut sha256).map_err(|_| {
+        format!("key `{key}.sha256`: expected 64 hex digits (the SHA-256 of the token)")
+    })?;
+    if token.name.trim().is_empty() {
+        return Err(format!("key `{key}.name`: must not be empty"));
+    }
+    if token.practices.is_empty() {
+        return Err(format!(
+            "key `{key}.practices`: a token needs at least one practice"
+        ));
+    }
+    for practice in &token.practices {
+        if !practices.contains(practice) {
+            return Err(format!(
+                "key `{key}.practices`: practice `{practice}` is not configured in [[practices]]"
+            ));
+        }
+    }
+    Ok(Token {
+        name: token.name,
+        sha256,
+        practices: token.practices.into_iter().collect(),
+    })
+}
+
+/// Turns a TOML error into one line: the reason (which names the key), then the line and column.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let reason = error.message().trim();
+    let Some(span) = error.span() else {
+        return reason.to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+    format!("{reason} (line {line}, column {column})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        data = "127.0.0.1:8443"
+
+        [tls]
+        cert = "certs/server.pem"
+        key = "certs/server-key.pem"
+
+        [storage]
+        kind = "local"
+        path = "data"
+
+        [keys]
+        directory = "keys"
+
+        [[practices]]
+        id = "clinic-1"
+
+        [[tokens]]
+        name = "back-office"
+        sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        practices = ["clinic-1"]
+    "#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/callseal"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listen.admin, default_admin_address());
+        assert_eq!(config.envelope.frame_length, DEFAULT_FRAME_LENGTH);
+        assert_eq!(config.limits.max_connections, 1024);
+        assert_eq!(config.tls.cert, Path::new("/etc/callseal/certs/server.pem"));
+        assert_eq!(config.keys.directory, Path::new("/etc/callseal/keys"));
+        assert!(
+            matches!(&config.storage, StorageSettings::Local { path } if path == Path::new("/etc/callseal/data"))
+        );
+        assert_eq!(config.tokens[0].practices.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let error = parse(&MINIMAL.replace("[keys]", "[keys]\ndirectroy = \"x\"")).unwrap_err();
+        assert!(error.contains("directroy"), "{error}");
+    }
+
+    #[test]
+    fn bad_practice_id_is_rejected() {
+        let error = parse(&MINIMAL.replace("id = \"clinic-1\"", "id = \"../etc\"")).unwrap_err();
+        assert!(error.contains("practice id"), "{error}");
+    }
+
+    #[test]
+    fn token_for_unknown_practice_is_rejected() {
+        let text = MINIMAL.replace("practices = [\"clinic-1\"]", "practices = [\"clinic-2\"]");
+        let error = parse(&text).unwrap_err();
+        assert!(
+            error.contains("tokens[0].practices") && error.contains("clinic-2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn token_hash_must_be_hex() {
+        let text = MINIMAL.replace("9f86d081", "zz86d081");
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("tokens[0].sha256"), "{error}");
+    }
+
+    #[test]
+    fn token_hash_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("token.sha256"),
+            format!("{}\n", "ab".repeat(32)),
+        )
+        .unwrap();
+        let text = MINIMAL.replace(
+            "sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",
+            "sha256_file = \"token.sha256\"",
+        );
+        let config = Config::parse(&text, dir.path()).unwrap();
+        assert_eq!(config.tokens[0].sha256, [0xab; 32]);
+        let missing = Config::parse(&text, Path::new("/nonexistent")).unwrap_err();
+        assert!(missing.contains("tokens[0].sha256_file"), "{missing}");
+    }
+
+    #[test]
+    fn frame_length_limits() {
+        for bad in ["0", "1048577"] {
+            let text = format!("{MINIMAL}\n[envelope]\nframe_length = {bad}\n");
+            let error = parse(&text).unwrap_err();
+            assert!(error.contains("envelope.frame_length"), "{error}");
+        }
+        let text = format!("{MINIMAL}\n[envelope]\nframe_length = 1048576\n");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn zero_limit_is_rejected() {
+        let text = format!("{MINIMAL}\n[limits]\nmax_connections = 0\n");
+        assert!(parse(&text).unwrap_err().contains("limits.max_connections"));
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let error = Config::load(Path::new("/nonexistent/callseal.toml")).unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent/callseal.toml"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn token_debug_hides_hash() {
+        let config = parse(MINIMAL).unwrap();
+        let text = format!("{:?}", config.tokens[0]);
+        assert!(!text.contains("9f86") && !text.contains("159"), "{text}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The gateway: the HTTPS data listener and the admin listener, and their lifecycle.
+//!
+//! Each connection goes accept → connection limit → TLS handshake (bounded by the header-read
+//! timeout) → HTTP/1.1 or h2 by ALPN → requests ([`routes`]). A connection on which no byte moves
+//! for the idle timeout is closed.
+//!
+//! Shutdown stops accepting, lets in-flight requests run for the grace period, then drops the
+//! connections that remain. A dropped upload is aborted (nothing becomes readable), and the
+//! gateway waits for storage's background aborts before it returns.
+
+mod error;
+mod idle;
+pub mod range;
+mod routes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::auth::Authenticator;
+use crate::config::{Config, StorageSettings};
+use crate::ids::PracticeId;
+use crate::keys::{KeyDirectory, PracticeKeys};
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use crate::tls::{self, CertResolver, CertWatcher};
+
+pub use error::ApiError;
+
+/// The response body type of every route: a full buffer or a stream that may fail midway.
+pub type ResponseBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub(crate) fn full_body(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Everything a request handler needs, shared by all connections.
+pub struct AppState {
+    pub config: Config,
+    pub storage: Storage,
+    pub keys: HashMap<PracticeId, PracticeKeys>,
+    pub key_directory: KeyDirectory,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// Opens storage and loads every configured practice's keys; fails if any is missing.
+    pub async fn new(config: Config, metrics: Arc<Metrics>) -> Result<Self> {
+        let storage = match &config.storage {
+            StorageSettings::Local { path } => {
+                create_private_directory(path)?;
+                Storage::open_local(path)
+                    .await
+                    .with_context(|| format!("cannot open storage at {}", path.display()))?
+            }
+            StorageSettings::Memory => Storage::in_memory(),
+        };
+        let key_directory = KeyDirectory::new(&config.keys.directory);
+        let mut keys = HashMap::new();
+        for practice in &config.practices {
+            let loaded = key_directory
+                .load(&practice.id)
+                .with_context(|| format!("cannot load the keys of practice `{}`", practice.id))?;
+            keys.insert(practice.id.clone(), loaded);
+        }
+        let auth = Authenticator::new(&config.tokens);
+        Ok(AppState {
+            config,
+            storage,
+            keys,
+            key_directory,
+            auth,
+            metrics,
+        })
+    }
+}
+
+/// Creates a directory (and its parents) with mode 0700 unless it exists.
+fn create_private_directory(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("cannot create the storage directory {}", path.display()))
+}
+
+/// A started gateway: its bound addresses, and the handle that stops it.
+pub struct Running {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    _watcher: CertWatcher,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within the grace period, aborts the rest,
+    /// and waits until storage has cleaned up after them.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        self.state.storage.wait_for_background_tasks().await;
+        info!("gateway stopped");
+    }
+}
+
+/// Binds both listeners and starts serving.
+pub async fn start(config: Config) -> Result<Running> {
+    let metrics = Metrics::new();
+    let state = Arc::new(AppState::new(config, Arc::clone(&metrics)).await?);
+    let config = &state.config;
+
+    let resolver = CertResolver::load(&config.tls.cert, &config.tls.key)?;
+    let acceptor = tls::acceptor(Arc::clone(&resolver), config.tls.client_ca.as_deref())?;
+    let shutdown = CancellationToken::new();
+    let watcher = resolver.watch(
+        config.tls.reload_interval(),
+        shutdown.clone().cancelled_owned(),
+    )?;
+
+    let data = TcpListener::bind(config.listen.data)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen.data))?;
+    let admin_listener = TcpListener::bind(config.listen.admin)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen.admin))?;
+    let data_addr = data.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(accept_loop(
+        data,
+        acceptor,
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
+    let admin_state = AdminState {
+        metrics,
+        readiness: Arc::new(GatewayReadiness {
+            state: Arc::clone(&state),
+        }),
+    };
+    let admin_shutdown = shutdown.clone().cancelled_owned();
+    tasks.spawn(async move {
+        if let Err(error) = admin::serve(admin_listener, admin_state, admin_shutdown).await {
+            error!(%error, "admin listener failed");
+        }
+    });
+
+    info!(%data_addr, %admin_addr, practices = state.config.practices.len(), "gateway started");
+    Ok(Running {
+        data_addr,
+        admin_addr,
+        state,
+        shutdown,
+        tasks,
+        _watcher: watcher,
+    })
+}
+
+/// Runs the gateway until `signal` completes, then shuts it down gracefully.
+pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<()> {
+    let running = start(config).await?;
+    signal.await;
+    info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// `/readyz`: storage answers and every practice's key files still load.
+struct GatewayReadiness {
+    state: Arc<AppState>,
+}
+
+impl Readiness for GatewayReadiness {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.state
+                .storage
+                .check()
+                .await
+                .map_err(|error| format!("storage: {error}"))?;
+            for practice in &self.state.config.practices {
+                self.state
+                    .key_directory
+                    .load(&practice.id)
+                    .map_err(|error| format!("keys of practice `{}`: {error}", practice.id))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tls::TlsAcceptor,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    let limits = state.config.limits.clone();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel's queue.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit,
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = permit else { break };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+
+        let connection = serve_connection(stream, peer, acceptor.clone(), Arc::clone(&state));
+        let watcher = graceful.watcher();
+        connections.spawn(
+            async move {
+                let _permit = permit;
+                connection(watcher).await;
+            }
+            .instrument(info_span!("connection", %peer)),
+        );
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+    }
+
+    drop(listener);
+    info!(in_flight = connections.len(), "data listener closed");
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace()) => {
+            warn!(aborted = connections.len(), "grace period over; aborting connections");
+            connections.abort_all();
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Builds the task that serves one accepted TCP connection.
+fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tls::TlsAcceptor,
+    state: Arc<AppState>,
+) -> impl FnOnce(hyper_util::server::graceful::Watcher) -> BoxFuture<'static, ()> {
+    move |watcher| {
+        Box::pin(async move {
+            let limits = &state.config.limits;
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout(), acceptor.accept(stream)).await;
+            let tls_stream = match handshake {
+                Ok(Ok(tls_stream)) => tls_stream,
+                Ok(Err(error)) => {
+                    debug!(%error, "TLS handshake failed");
+                    state.metrics.record_connection_rejected("tls_handshake");
+                    return;
+                }
+                Err(_) => {
+                    debug!("TLS handshake timed out");
+                    state.metrics.record_connection_rejected("timeout");
+                    return;
+                }
+            };
+            let tls_version =
+                tls::protocol_version_name(tls_stream.get_ref().1).unwrap_or("unknown");
+            let connection = routes::Connection { peer, tls_version };
+
+            let activity = idle::Activity::new();
+            let io = TokioIo::new(idle::Tracked::new(tls_stream, activity.clone()));
+            let service_state = Arc::clone(&state);
+            let service = service_fn(move |request| {
+                routes::handle(Arc::clone(&service_state), connection.clone(), request)
+            });
+
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout())
+                .max_buf_size(limits.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.max_header_bytes as u32)
+                .max_concurrent_streams(routes::MAX_STREAMS_PER_CONNECTION);
+            let served = watcher.watch(builder.serve_connection(io, service));
+
+            tokio::select! {
+                result = served => {
+                    if let Err(error) = result {
+                        debug!(error = %error, "connection ended with an error");
+                    }
+                }
+                () = activity.idle_for(limits.idle_timeout()) => {
+                    debug!("closing idle connection");
+                    state.metrics.record_connection_rejected("idle");
+                }
+            }
+        })
+    }
+}
