@@ -20,6 +20,8 @@ mod context;
 mod decrypt;
 mod encrypt;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod header;
 pub mod io;
 mod layout;

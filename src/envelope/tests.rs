@@ -640,3 +640,28 @@ fn range_outside_plaintext_rejected() {
         ));
     }
 }
+
+// The fuzz target's code, run on random and mutated input as part of the test suite.
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn parser_survives_random_bytes(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+        prop_assert!(fuzzing::decrypt_untrusted(&data).is_err());
+    }
+
+    #[test]
+    fn parser_rejects_mutated_messages(
+        len in 0usize..3000,
+        position in any::<prop::sample::Index>(),
+        flip in 1u8..=255,
+    ) {
+        let plaintext = plaintext(len);
+        let mut message = fuzzing::seed_message(&plaintext, 64);
+        prop_assert_eq!(fuzzing::decrypt_untrusted(&message), Ok(plaintext));
+        let position = position.index(message.len());
+        message[position] ^= flip;
+        prop_assert!(fuzzing::decrypt_untrusted(&message).is_err(), "byte {} accepted", position);
+    }
+}
