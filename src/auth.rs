@@ -1,8 +1,8 @@
 //! Authentication and authorization of data-listener requests.
 //!
-//! Clients present `Authorization: Bearer <token>`. Only the SHA-256 of each token is configured;
-//! the presented token is hashed and compared with every configured hash in constant time, and
-//! the loop never exits early, so timing reveals neither which token matched nor how much of it.
+//! Clients present `Authorization: Bearer <token>`. Only the SHA-256 of each token is configured.
+//! The presented token is hashed and compared with every configured hash in constant time. The
+//! loop never exits early, so timing reveals neither which token matched nor how much of it.
 //! A principal may act only on its own practices.
 //!
 //! NOTE: every principal may upload and read. Roles (ingest, reader, admin, auditor) and mTLS
@@ -17,7 +17,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use crate::config::Token;
 use crate::ids::PracticeId;
 
-/// Who a request acts as.
+/// The identity a request acts as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// The token's configured name; safe to log.
@@ -25,7 +25,7 @@ pub struct Principal {
     pub practices: BTreeSet<PracticeId>,
 }
 
-/// What a request wants to do, so authorization can depend on it.
+/// The operation a request performs, so authorization can depend on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Upload,

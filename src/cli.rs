@@ -1,8 +1,8 @@
 //! The `callseal` command line: key management, and encryption, decryption and inspection of
 //! stored objects with local keys.
 //!
-//! Output files are written under a temporary name in the target directory with mode 0600 and
-//! renamed into place only when the whole message has been processed, so a failed decryption
+//! Output files are written under a temporary name in the target directory with mode 0600. They
+//! are renamed into place only when the whole message has been processed, so a failed decryption
 //! (a tampered or truncated message) never leaves a partial plaintext file. Decryption to
 //! standard output streams verified frames as they come; there a failure is reported on
 //! standard error with a non-zero exit status, and the consumer must discard what it received.
@@ -154,8 +154,9 @@ struct Files {
 struct EncryptArgs {
     #[command(flatten)]
     object: ObjectArgs,
-    /// Plaintext bytes per frame, at most 1048576.
-    #[arg(long, default_value_t = DEFAULT_FRAME_LENGTH, value_name = "BYTES")]
+    /// Plaintext bytes per frame, 1 to 1048576.
+    #[arg(long, default_value_t = DEFAULT_FRAME_LENGTH, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(envelope::MAX_FRAME_LENGTH)))]
     frame_length: u32,
     #[command(flatten)]
     files: Files,
@@ -380,10 +381,16 @@ fn decrypt(args: DecryptArgs) -> Result<()> {
 
     let progress = progress_bar(size);
     let output = Output::create(args.files.output.as_deref(), args.files.force)?;
+    let failure = match output {
+        Output::Stdout(_) => {
+            "decryption failed; the output written so far is incomplete and must be discarded"
+        }
+        Output::File { .. } => "decryption failed; no output file was written",
+    };
     eio::decrypt_body(decryptor, &body_start, input, output.writer(), |done| {
         progress.set_position(done)
     })
-    .context("decryption failed; no output file was written")?;
+    .context(failure)?;
     output.commit()?;
     progress.finish_and_clear();
     Ok(())

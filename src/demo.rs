@@ -1,9 +1,9 @@
 //! `callseal demo`: the gateway's main job on this machine with nothing set up beforehand.
 //!
 //! In a fresh directory it writes development certificates, a practice key, a bearer token and
-//! a configuration; starts the gateway on loopback ports; uploads a WAV recording over HTTPS;
-//! reads it back whole and by range; and shows that the stored bytes are an AWS Encryption SDK
-//! message with no plaintext in them. With `--keep DIR` everything stays in DIR, and
+//! a configuration, then starts the gateway on loopback ports. It uploads a WAV recording over
+//! HTTPS, reads it back whole and by range, and shows that the stored bytes are an AWS
+//! Encryption SDK message with no plaintext in them. With `--keep DIR` everything stays in DIR, and
 //! `callseal serve --config DIR/callseal.toml` serves the same objects again.
 
 use std::fmt::Write as _;
@@ -33,7 +33,7 @@ const ARTIFACT: &str = "recording.wav";
 const SAMPLE_RATE: u32 = 16_000;
 const SECONDS: u32 = 30;
 
-/// What the demo did, for the caller to print or check.
+/// The outcome of a demo run, for the caller to print or check.
 #[derive(Debug)]
 pub struct Summary {
     pub directory: PathBuf,
@@ -187,7 +187,7 @@ async fn exercise(
     let http_version = format!("{:?}", response.version());
     ensure!(
         response.status() == 201,
-        "upload answered {}",
+        "upload returned status {}",
         response.status()
     );
     println!(
@@ -201,7 +201,11 @@ async fn exercise(
         .header("authorization", &bearer)
         .send()
         .await?;
-    ensure!(whole.status() == 200, "read answered {}", whole.status());
+    ensure!(
+        whole.status() == 200,
+        "read returned status {}",
+        whole.status()
+    );
     let whole = whole.bytes().await?;
     ensure!(
         Sha256::digest(&whole) == Sha256::digest(recording),
@@ -221,7 +225,7 @@ async fn exercise(
         .await?;
     ensure!(
         range.status() == 206,
-        "range read answered {}",
+        "range read returned status {}",
         range.status()
     );
     let part = range.bytes().await?;
@@ -248,8 +252,8 @@ async fn exercise(
     })
 }
 
-/// Describes the stored object as a reader of the AWS Encryption SDK format sees it, and checks
-/// that no window of the plaintext appears in it.
+/// Describes the stored object as a reader of the AWS Encryption SDK format parses it, and
+/// checks that the start of the plaintext appears nowhere in it.
 fn describe_stored(stored: &[u8], recording: &[u8]) -> Result<String> {
     let parsed =
         ParsedHeader::parse(stored)?.context("the stored object has no complete header")?;
@@ -301,7 +305,7 @@ fn describe_stored(stored: &[u8], recording: &[u8]) -> Result<String> {
     Ok(text)
 }
 
-/// An HTTPS client that trusts only the demo's development CA.
+/// Builds an HTTPS client that trusts only the demo's development CA.
 fn https_client(ca: &Path) -> Result<reqwest::Client> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_file_iter(ca).context("cannot read the demo CA")? {

@@ -1,8 +1,9 @@
 //! Process metrics in the Prometheus text exposition format, served by the admin listener.
 //!
-//! One [`Metrics`] value is created at start-up and shared as `Arc<Metrics>` by the data listener,
-//! the background tasks and the admin listener. Every method is cheap and lock-free on the hot
-//! path once a label combination exists, so callers record from any task or thread.
+//! One [`Metrics`] value is created at start-up and shared as `Arc<Metrics>` by every part that
+//! records or serves metrics, from any task or thread. Recording a labelled metric takes a read
+//! lock on its label map (a write lock only the first time a label combination appears) and then
+//! an atomic add. Metrics without labels are a single atomic operation.
 //!
 //! | metric | type | labels |
 //! |---|---|---|

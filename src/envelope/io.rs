@@ -19,7 +19,7 @@ pub enum StreamError {
     Envelope(#[from] Error),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("i/o error: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -77,7 +77,7 @@ pub fn read_header<R: Read>(input: &mut R) -> Result<(ParsedHeader, Vec<u8>), St
 
 /// Decrypts a message body into `output`; returns the plaintext length.
 ///
-/// `body_start` holds body bytes already read with the header. Each frame's plaintext is
+/// `body_start` contains body bytes already read with the header. Each frame's plaintext is
 /// written only after its tag verified, but a truncated message is detected only at the end:
 /// when this fails, whatever reached `output` must be discarded by the caller.
 pub fn decrypt_body<R: Read, W: Write>(

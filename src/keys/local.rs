@@ -222,7 +222,7 @@ impl PracticeKeys {
         &self.practice
     }
 
-    /// The name of the key that new data keys are wrapped under.
+    /// Returns the name of the key that new data keys are wrapped under.
     pub fn current(&self) -> KeyName {
         let version = self.keys.keys().next_back().copied().unwrap_or_default();
         KeyName {
@@ -282,8 +282,8 @@ impl PracticeKeys {
 
     /// Unwraps the first EDK that names one of this practice's key versions.
     ///
-    /// EDKs of other providers or other practices are skipped; an EDK that names one of our
-    /// keys but fails to unwrap (wrong context, tampering) is an error, not skipped, so a
+    /// EDKs of other providers or other practices are skipped. An EDK that names one of our keys
+    /// but fails to unwrap (wrong context, tampering) is an error rather than skipped, so a
     /// tampered message never falls through to a weaker path.
     pub fn unwrap(
         &self,
@@ -591,11 +591,9 @@ mod tests {
             format!("{data_key:#?}"),
         ] {
             assert!(text.contains("REDACTED"), "{text}");
-            assert!(
-                !text.contains("41") && !text.contains("65") && !text.contains("AAAA"),
-                "{text}"
-            );
-            assert!(!text.contains("42") && !text.contains("66"), "{text}");
+            for leaked in ["41", "65", "AAAA", "42", "66"] {
+                assert!(!text.contains(leaked), "{text} contains {leaked}");
+            }
         }
     }
 }

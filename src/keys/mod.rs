@@ -102,6 +102,10 @@ pub enum KeyError {
     #[error("key file {path} already exists; refusing to overwrite it")]
     AlreadyExists { path: String },
     #[error(
+        "practice `{practice}` already has keys in {directory}; refusing to overwrite them (add a version with `callseal keys rotate --practice {practice}`)"
+    )]
+    PracticeHasKeys { practice: String, directory: String },
+    #[error(
         "key file {path} is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`"
     )]
     Permissions { path: String, mode: u32 },

@@ -16,7 +16,7 @@ use crate::storage::StorageError;
 /// Seconds a client should wait before retrying a request that failed for a passing reason.
 const RETRY_AFTER_SECS: &str = "5";
 
-/// Why a request failed.
+/// The reason a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("missing or invalid bearer token")]
@@ -45,7 +45,7 @@ pub enum ApiError {
     StorageUnavailable(#[source] StorageError),
     #[error("the practice's key is unavailable")]
     KeyUnavailable(#[source] KeyError),
-    /// The client went away or sent a broken body; there is nobody to answer.
+    /// The client went away or sent a broken body, so no response reaches it.
     #[error("the request body could not be read")]
     ClientBody(#[source] hyper::Error),
     #[error("internal error")]

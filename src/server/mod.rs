@@ -188,7 +188,7 @@ pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// `/readyz`: storage answers and every practice's key files still load.
+/// `/readyz`: storage responds and every practice's key files still load.
 struct GatewayReadiness {
     state: Arc<AppState>,
 }

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-/// What a `Range` header asks of a representation of `length` bytes.
+/// The part of a representation of `length` bytes that a `Range` header requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RangeRequest {
     /// No usable `Range` header: serve the whole representation with 200. This includes
@@ -11,7 +11,7 @@ pub enum RangeRequest {
     Whole,
     /// Serve these bytes with 206.
     Partial(Range<u64>),
-    /// No byte of the range exists: answer 416 with `Content-Range: bytes */length`.
+    /// No byte of the range exists: respond with 416 with `Content-Range: bytes */length`.
     Unsatisfiable,
 }
 

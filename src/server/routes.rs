@@ -6,7 +6,7 @@
 //! | `PUT /v1/practices/{practice}/calls/{call}/{artifact}` | create-only streamed upload, encrypted on the fly |
 //! | `GET` (with an optional `Range`) and `HEAD` on the same path | streamed, verified read; length |
 //!
-//! Memory per request does not grow with the object. An upload holds at most: hyper's read
+//! Memory per request does not grow with the object. An upload buffers at most: hyper's read
 //! buffer (`limits.max_header_bytes`, at least 8 KiB) or the h2 stream window (hyper's default,
 //! 1 MiB), one partial frame in the encryptor (F), the encrypted output gathered until it
 //! reaches [`FLUSH_BYTES`] (plus one frame of F + 32), and storage's upload buffer
@@ -47,7 +47,7 @@ pub struct Connection {
     pub tls_version: &'static str,
 }
 
-/// Which route a request matched; the names label metrics and logs, never a raw path.
+/// The route a request matched. Its name labels metrics and logs in place of the raw path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Object,
@@ -63,7 +63,7 @@ impl Route {
     }
 }
 
-/// Serves one request; never fails at the hyper level, every error becomes a response.
+/// Serves one request. The result is always `Ok`, because every error becomes a response.
 pub async fn handle(
     state: Arc<AppState>,
     connection: Connection,
@@ -108,7 +108,7 @@ pub async fn handle(
                 error if status.is_server_error() => {
                     error!(%status, error = %error, "request failed")
                 }
-                error => info!(%status, error = %error, "request refused"),
+                error => info!(%status, error = %error, "request rejected"),
             });
             error.into_response()
         }
@@ -447,7 +447,7 @@ fn header_value(text: &str) -> Result<HeaderValue, ApiError> {
         .map_err(|_| ApiError::Internal(format!("invalid header value {text:?}")))
 }
 
-/// A random request id: 16 hex digits, returned as `x-request-id` and logged.
+/// Generates a random request id: 16 hex digits, returned as `x-request-id` and logged.
 fn new_request_id() -> String {
     let mut bytes = [0u8; 8];
     // A failed draw leaves zeros: the id only correlates logs, it protects nothing.
