@@ -40,6 +40,7 @@ use serde::Deserialize;
 use crate::envelope::{DEFAULT_FRAME_LENGTH, MAX_FRAME_LENGTH};
 use crate::ids::PracticeId;
 use crate::tls::TlsSettings;
+use crate::webhook::signature::RetellKey;
 
 /// A configuration error: which file, which key, and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ pub struct Config {
     pub limits: Limits,
     pub practices: Vec<Practice>,
     pub tokens: Vec<Token>,
+    pub webhooks: WebhookSettings,
+    pub media: MediaSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,10 +157,96 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A practice (tenant) and its webhook settings.
+#[derive(Debug, Clone)]
 pub struct Practice {
     pub id: PracticeId,
+    /// Retell API keys that sign this practice's webhooks; several during a key rotation.
+    pub retell_keys: Vec<RetellKey>,
+    /// Retell agent ids whose events this practice accepts. Empty means any agent, which is
+    /// allowed only while no other practice shares one of its Retell keys.
+    pub retell_agent_ids: BTreeSet<String>,
+    /// Where a redacted copy of each new event is sent, if anywhere.
+    pub forward: Option<Forward>,
+}
+
+/// Downstream forwarding of redacted events.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub url: String,
+    /// Key of the HMAC-SHA256 signature on each forwarded body.
+    pub secret: RetellKey,
+}
+
+/// Limits of the Retell webhook route.
+///
+/// # Defaults
+///
+/// | key | default | why |
+/// |---|---|---|
+/// | `max_body_bytes` | 33554432 | Retell bodies grow about 1.5 MiB per hour of call and calls last up to 2 hours |
+/// | `max_unverified_bytes` | 134217728 | body bytes held in memory, across all requests, before their signature is checked |
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub max_body_bytes: u64,
+    pub max_unverified_bytes: u64,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            max_body_bytes: 32 * 1024 * 1024,
+            max_unverified_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// Downloads of call media (recordings, logs) linked from webhook events.
+///
+/// # Defaults
+///
+/// | key | default |
+/// |---|---|
+/// | `allowed_hosts` | none: every download is refused until hosts are listed |
+/// | `allow_loopback_for_tests` | false |
+/// | `max_bytes` | 2147483648 (2 GiB) |
+/// | `connect_timeout_secs` | 10 |
+/// | `total_timeout_secs` | 900 (per attempt) |
+/// | `max_attempts` | 8 |
+/// | `initial_backoff_ms` | 500 |
+/// | `max_backoff_secs` | 60 |
+/// | `workers` | 4 concurrent downloads |
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaSettings {
+    pub allowed_hosts: Vec<String>,
+    pub allow_loopback_for_tests: bool,
+    pub extra_ca_file: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub connect_timeout_secs: u64,
+    pub total_timeout_secs: u64,
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_secs: u64,
+    pub workers: usize,
+}
+
+impl Default for MediaSettings {
+    fn default() -> Self {
+        MediaSettings {
+            allowed_hosts: Vec::new(),
+            allow_loopback_for_tests: false,
+            extra_ca_file: None,
+            max_bytes: 2 * 1024 * 1024 * 1024,
+            connect_timeout_secs: 10,
+            total_timeout_secs: 900,
+            max_attempts: 8,
+            initial_backoff_ms: 500,
+            max_backoff_secs: 60,
+            workers: 4,
+        }
+    }
 }
 
 /// A bearer token: only the SHA-256 of the token is configured, never the token.
@@ -191,9 +280,34 @@ struct RawConfig {
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
-    practices: Vec<Practice>,
+    practices: Vec<RawPractice>,
     #[serde(default)]
     tokens: Vec<RawToken>,
+    #[serde(default)]
+    webhooks: WebhookSettings,
+    #[serde(default)]
+    media: MediaSettings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPractice {
+    id: PracticeId,
+    #[serde(default)]
+    retell_api_keys: Vec<String>,
+    /// A file with one Retell API key per line.
+    retell_api_keys_file: Option<PathBuf>,
+    #[serde(default)]
+    retell_agent_ids: Vec<String>,
+    forward: Option<RawForward>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    url: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -248,14 +362,18 @@ impl Config {
         check_limits(&raw.limits)?;
 
         let mut practice_ids = BTreeSet::new();
-        for (index, practice) in raw.practices.iter().enumerate() {
+        let mut practices = Vec::new();
+        for (index, practice) in raw.practices.into_iter().enumerate() {
             if !practice_ids.insert(practice.id.clone()) {
                 return Err(format!(
                     "key `practices[{index}].id`: practice `{}` is listed twice",
                     practice.id
                 ));
             }
+            practices.push(validate_practice(index, practice, &resolve)?);
         }
+        check_shared_retell_keys(&practices)?;
+        check_media(&raw.media)?;
 
         let mut tokens = Vec::new();
         for (index, token) in raw.tokens.into_iter().enumerate() {
@@ -291,8 +409,13 @@ impl Config {
             },
             envelope: raw.envelope,
             limits: raw.limits,
-            practices: raw.practices,
+            practices,
             tokens,
+            webhooks: raw.webhooks,
+            media: MediaSettings {
+                extra_ca_file: raw.media.extra_ca_file.as_deref().map(resolve),
+                ..raw.media
+            },
         })
     }
 
@@ -315,6 +438,154 @@ fn check_limits(limits: &Limits) -> Result<(), String> {
     }
     if limits.max_header_bytes < 1024 {
         return Err("key `limits.max_header_bytes`: must be at least 1024".into());
+    }
+    Ok(())
+}
+
+fn validate_practice(
+    index: usize,
+    practice: RawPractice,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Practice, String> {
+    let key = format!("practices[{index}]");
+    let mut retell_keys: Vec<RetellKey> = practice
+        .retell_api_keys
+        .into_iter()
+        .map(RetellKey::new)
+        .collect();
+    if let Some(file) = practice.retell_api_keys_file {
+        let file = resolve(&file);
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(|error| {
+            format!(
+                "key `{key}.retell_api_keys_file`: cannot read {}: {error}",
+                file.display()
+            )
+        })?);
+        let lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
+        retell_keys.extend(lines.map(|line| RetellKey::new(line.to_owned())));
+    }
+    if retell_keys
+        .iter()
+        .any(|retell_key| retell_key.expose().trim().is_empty())
+    {
+        return Err(format!("key `{key}.retell_api_keys`: a key is empty"));
+    }
+
+    let forward = match practice.forward {
+        None => None,
+        Some(forward) => {
+            let secret = read_secret(
+                &format!("{key}.forward"),
+                forward.secret,
+                forward.secret_file,
+                resolve,
+            )?;
+            if !forward.url.starts_with("https://") {
+                return Err(format!("key `{key}.forward.url`: must be an https:// URL"));
+            }
+            Some(Forward {
+                url: forward.url,
+                secret: RetellKey::new(secret),
+            })
+        }
+    };
+    Ok(Practice {
+        id: practice.id,
+        retell_keys,
+        retell_agent_ids: practice.retell_agent_ids.into_iter().collect(),
+        forward,
+    })
+}
+
+/// Reads a secret given inline (`secret`) or in a file (`secret_file`), exactly one of them.
+fn read_secret(
+    key: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<String, String> {
+    let secret = match (inline, file) {
+        (Some(secret), None) => secret,
+        (None, Some(file)) => {
+            let file = resolve(&file);
+            std::fs::read_to_string(&file)
+                .map_err(|error| {
+                    format!(
+                        "key `{key}.secret_file`: cannot read {}: {error}",
+                        file.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+        _ => {
+            return Err(format!(
+                "key `{key}`: set exactly one of `secret` and `secret_file`"
+            ));
+        }
+    };
+    if secret.is_empty() {
+        return Err(format!("key `{key}.secret`: must not be empty"));
+    }
+    Ok(secret)
+}
+
+/// Practices that share a Retell key must each list their agent ids, and no agent id may
+/// belong to two of them, so an event signed for one practice cannot be replayed into another.
+fn check_shared_retell_keys(practices: &[Practice]) -> Result<(), String> {
+    for (index, practice) in practices.iter().enumerate() {
+        for other in &practices[index + 1..] {
+            let shared = practice
+                .retell_keys
+                .iter()
+                .any(|key| other.retell_keys.contains(key));
+            if !shared {
+                continue;
+            }
+            for sharing in [practice, other] {
+                if sharing.retell_agent_ids.is_empty() {
+                    return Err(format!(
+                        "practices `{}` and `{}` share a Retell API key, so practice `{}` must list its `retell_agent_ids`",
+                        practice.id, other.id, sharing.id
+                    ));
+                }
+            }
+            if let Some(agent) = practice
+                .retell_agent_ids
+                .intersection(&other.retell_agent_ids)
+                .next()
+            {
+                return Err(format!(
+                    "practices `{}` and `{}` share a Retell API key and both list agent `{agent}`",
+                    practice.id, other.id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_media(media: &MediaSettings) -> Result<(), String> {
+    let positive = [
+        ("max_bytes", media.max_bytes),
+        ("connect_timeout_secs", media.connect_timeout_secs),
+        ("total_timeout_secs", media.total_timeout_secs),
+        ("max_attempts", u64::from(media.max_attempts)),
+        ("workers", media.workers as u64),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(format!("key `media.{key}`: must be greater than 0"));
+        }
+    }
+    if let Some(host) = media
+        .allowed_hosts
+        .iter()
+        .find(|host| host.is_empty() || host.contains(['/', ':', '@']))
+    {
+        return Err(format!(
+            "key `media.allowed_hosts`: `{host}` is not a host name"
+        ));
     }
     Ok(())
 }
@@ -483,6 +754,35 @@ mod tests {
         }
         let text = format!("{MINIMAL}\n[envelope]\nframe_length = 1048576\n");
         assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn shared_retell_key_needs_agent_allowlists() {
+        let practices = |agents1: &str, agents2: &str| {
+            let block = format!(
+                "[[practices]]\nid = \"clinic-1\"\nretell_api_keys = [\"k1\"]\n{agents1}\n\
+                 [[practices]]\nid = \"clinic-2\"\nretell_api_keys = [\"k1\"]\n{agents2}\n"
+            );
+            let text = MINIMAL.replace("[[practices]]\n        id = \"clinic-1\"", &block);
+            parse(&text)
+        };
+        let missing = practices("", "").unwrap_err();
+        assert!(missing.contains("share a Retell API key"), "{missing}");
+        let same = "retell_agent_ids = [\"agent_a\"]";
+        let overlapping = practices(same, same).unwrap_err();
+        assert!(overlapping.contains("agent_a"), "{overlapping}");
+        let config = practices(same, "retell_agent_ids = [\"agent_b\"]").unwrap();
+        assert_eq!(config.practices.len(), 2);
+    }
+
+    #[test]
+    fn forward_url_must_be_https() {
+        let text = MINIMAL.replace(
+            "[[practices]]\n        id = \"clinic-1\"",
+            "[[practices]]\nid = \"clinic-1\"\nforward = { url = \"http://x.test/\", secret = \"s\" }",
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("forward.url"), "{error}");
     }
 
     #[test]

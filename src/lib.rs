@@ -30,3 +30,4 @@ pub mod metrics;
 pub mod server;
 pub mod storage;
 pub mod tls;
+pub mod webhook;

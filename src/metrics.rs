@@ -57,6 +57,7 @@ pub struct Metrics {
     authentication_failures: Counter,
     active_streams: Gauge,
     connections_rejected: Family<ReasonLabels, Counter>,
+    background_tasks: Family<TaskLabels, Counter>,
 }
 
 /// A request body or response body in flight, counted in `callseal_active_streams` until dropped.
@@ -86,6 +87,12 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: &'static str,
+    outcome: &'static str,
+}
+
 impl Metrics {
     /// Creates a registry with every callseal metric registered.
     pub fn new() -> Arc<Metrics> {
@@ -95,6 +102,7 @@ impl Metrics {
         let authentication_failures = Counter::default();
         let active_streams = Gauge::default();
         let connections_rejected = Family::<ReasonLabels, Counter>::default();
+        let background_tasks = Family::<TaskLabels, Counter>::default();
 
         // Counter names are registered without the `_total` suffix because the encoder appends
         // it, and help texts without a final period because the encoder appends one.
@@ -130,6 +138,12 @@ impl Metrics {
             "Connections closed before a request was served, by reason",
             connections_rejected.clone(),
         );
+        registry.register(
+            "callseal_background_tasks",
+            "Background work finished, by task (media_download, forward) and outcome (stored, \
+             failed, skipped)",
+            background_tasks.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -138,6 +152,7 @@ impl Metrics {
             response_body_bytes,
             authentication_failures,
             active_streams,
+            background_tasks,
             connections_rejected,
         })
     }
@@ -189,6 +204,14 @@ impl Metrics {
     pub fn record_connection_rejected(&self, reason: &'static str) {
         self.connections_rejected
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts one finished background task: a media download or a downstream forward that
+    /// `stored` its result, `failed` after its retries, or was `skipped` as already done.
+    pub fn record_background_task(&self, task: &'static str, outcome: &'static str) {
+        self.background_tasks
+            .get_or_create(&TaskLabels { task, outcome })
             .inc();
     }
 

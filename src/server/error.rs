@@ -12,6 +12,7 @@ use crate::envelope;
 use crate::ids::InvalidId;
 use crate::keys::KeyError;
 use crate::storage::StorageError;
+use crate::webhook::signature::SignatureError;
 
 /// Seconds a client should wait before retrying a request that failed for a passing reason.
 const RETRY_AFTER_SECS: &str = "5";
@@ -23,6 +24,12 @@ pub enum ApiError {
     Unauthenticated,
     #[error("the token is not allowed to access this practice")]
     Forbidden,
+    #[error("{0}")]
+    WebhookUnauthenticated(SignatureError),
+    #[error("the event's agent is not on this practice's agent allowlist")]
+    WebhookAgentNotAllowed,
+    #[error("the gateway is busy; retry later")]
+    Busy,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -55,8 +62,10 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Unauthenticated | ApiError::WebhookUnauthenticated(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden | ApiError::WebhookAgentNotAllowed => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) | ApiError::ClientBody(_) => StatusCode::BAD_REQUEST,
@@ -67,7 +76,7 @@ impl ApiError {
             | ApiError::StoredObjectMisplaced
             | ApiError::KeyUnavailable(_)
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StorageUnavailable(_) | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -101,7 +110,7 @@ impl ApiError {
                     headers.insert(header::CONTENT_RANGE, value);
                 }
             }
-            ApiError::StorageUnavailable(_) => {
+            ApiError::StorageUnavailable(_) | ApiError::Busy => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),

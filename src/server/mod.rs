@@ -40,6 +40,7 @@ use crate::keys::{KeyDirectory, PracticeKeys};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::tls::{self, CertResolver, CertWatcher};
+use crate::webhook::WebhookState;
 
 pub use error::ApiError;
 
@@ -60,6 +61,7 @@ pub struct AppState {
     pub key_directory: KeyDirectory,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
+    pub webhooks: WebhookState,
 }
 
 impl AppState {
@@ -83,6 +85,7 @@ impl AppState {
             keys.insert(practice.id.clone(), loaded);
         }
         let auth = Authenticator::new(&config.tokens);
+        let webhooks = WebhookState::new(config.webhooks.max_unverified_bytes);
         Ok(AppState {
             config,
             storage,
@@ -90,6 +93,7 @@ impl AppState {
             key_directory,
             auth,
             metrics,
+            webhooks,
         })
     }
 }

@@ -51,6 +51,7 @@ pub struct Connection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Object,
+    Webhook,
     NotFound,
 }
 
@@ -58,6 +59,7 @@ impl Route {
     fn name(self) -> &'static str {
         match self {
             Route::Object => "object",
+            Route::Webhook => "webhook",
             Route::NotFound => "not_found",
         }
     }
@@ -86,6 +88,12 @@ pub async fn handle(
 
     let result = async {
         match (route, object) {
+            (Route::Webhook, Some([practice, _, _])) => {
+                if request.method() != Method::POST {
+                    return Err(ApiError::MethodNotAllowed { allow: "POST" });
+                }
+                crate::webhook::handle_retell(&state, request, practice).await
+            }
             (Route::Object, Some(segments)) => {
                 object_route(&state, &connection, request, segments).await
             }
@@ -132,6 +140,12 @@ pub async fn handle(
 
 /// Splits `/v1/practices/{practice}/calls/{call}/{artifact}` into its three raw segments.
 fn match_route(path: &str) -> (Route, Option<[&str; 3]>) {
+    if let Some(practice) = path.strip_prefix("/v1/webhooks/retell/") {
+        if practice.is_empty() || practice.contains('/') {
+            return (Route::NotFound, None);
+        }
+        return (Route::Webhook, Some([practice, "", ""]));
+    }
     let mut parts = path
         .strip_prefix("/v1/practices/")
         .map(|rest| rest.split('/'));
@@ -262,6 +276,8 @@ async fn put_object(
 
 /// An object whose header, context, data key and final frame have been verified.
 struct VerifiedObject {
+    /// The object read: the requested one, or the current version it resolved to.
+    id: ObjectId,
     parsed: ParsedHeader,
     data_key: DataKey,
     layout: Layout,
@@ -270,8 +286,23 @@ struct VerifiedObject {
 /// Reads and verifies everything about a stored object except the frames a read will stream:
 /// header, expected encryption context, data key, header tag and, through the final frame, its
 /// length.
-async fn open_object(state: &AppState, id: &ObjectId) -> Result<VerifiedObject, ApiError> {
-    let size = state.storage.head(id).await?.ok_or(ApiError::NotFound)?;
+async fn open_object(state: &AppState, requested: &ObjectId) -> Result<VerifiedObject, ApiError> {
+    let (id, size) = match state.storage.head(requested).await? {
+        Some(size) => (requested.clone(), size),
+        None => {
+            // `event-call_ended.json` and the like name the latest of their stored versions.
+            let current = crate::webhook::current_version(&state.storage, requested)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            let size = state
+                .storage
+                .head(&current)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            (current, size)
+        }
+    };
+    let id = &id;
 
     let mut prefix = state
         .storage
@@ -302,6 +333,7 @@ async fn open_object(state: &AppState, id: &ObjectId) -> Result<VerifiedObject, 
     decryptor.finish()?;
 
     Ok(VerifiedObject {
+        id: id.clone(),
         parsed,
         data_key,
         layout,
@@ -344,7 +376,7 @@ async fn get_object(
         return Ok(response);
     }
 
-    *response.body_mut() = stream_plaintext(state, id, object, range).await?;
+    *response.body_mut() = stream_plaintext(state, object, range).await?;
     Ok(response)
 }
 
@@ -353,16 +385,15 @@ async fn get_object(
 /// transfer rather than a clean end.
 async fn stream_plaintext(
     state: &AppState,
-    id: &ObjectId,
     object: VerifiedObject,
     range: std::ops::Range<u64>,
 ) -> Result<ResponseBody, ApiError> {
     let plan = object.layout.plan(range)?;
     let decryptor = Decryptor::for_range(&object.parsed, &object.data_key, &plan)?;
-    drop(object);
+    let id = object.id;
     let ciphertext = state
         .storage
-        .get_range_stream(id, plan.ciphertext.clone())
+        .get_range_stream(&id, plan.ciphertext.clone())
         .await?;
 
     let metrics = Arc::clone(&state.metrics);

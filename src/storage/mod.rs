@@ -317,6 +317,44 @@ impl Storage {
         Ok(artifacts)
     }
 
+    /// Lists every object of a practice whose artifact name starts with `artifact_prefix`, across
+    /// all of its calls. Entries that do not follow the layout are skipped.
+    ///
+    /// NOTE: this walks the practice's whole tree, so its cost grows with the number of stored
+    /// objects; it runs at start-up only.
+    pub async fn find_artifacts(
+        &self,
+        practice: &PracticeId,
+        artifact_prefix: &str,
+    ) -> Result<Vec<ObjectId>> {
+        let prefix = Path::from_iter([practice.as_str(), "calls"]);
+        let mut listing = self.inner.store.list(Some(&prefix));
+        let mut found = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = match meta {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(source) => return Err(classify(&prefix, source)),
+            };
+            let parts: Vec<_> = meta.location.parts().collect();
+            let [_, _, call, artifact] = parts.as_slice() else {
+                continue;
+            };
+            if !artifact.as_ref().starts_with(artifact_prefix) {
+                continue;
+            }
+            let (Ok(call), Ok(artifact)) = (
+                CallId::new(call.as_ref()),
+                ArtifactName::new(artifact.as_ref()),
+            ) else {
+                continue;
+            };
+            found.push(ObjectId::new(practice.clone(), call, artifact));
+        }
+        found.sort();
+        Ok(found)
+    }
+
     /// Deletes the object `id`. Deleting an object that does not exist succeeds, as on S3, so a
     /// caller that must report a missing object calls [`Storage::head`] first.
     pub async fn delete(&self, id: &ObjectId) -> Result<()> {

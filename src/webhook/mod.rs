@@ -1,0 +1,282 @@
+//! Retell webhooks: `POST /v1/webhooks/retell/{practice}`.
+//!
+//! The request lifecycle, in order:
+//!
+//! 1. Before the body is read: the practice must be configured with Retell keys, the
+//!    `x-retell-signature` header must be well formed, and its timestamp must be within 5 minutes
+//!    of the gateway's clock. Anything else gets 401.
+//! 2. The body streams through one HMAC per key into a memory buffer, up to
+//!    `webhooks.max_body_bytes` (413 beyond it, without reading further). Every buffered byte
+//!    counts against `webhooks.max_unverified_bytes` across all requests; a full budget gets 503.
+//!    Nothing of an unverified body ever reaches storage.
+//! 3. The signature must match one of the practice's keys (401 otherwise), and the event's agent
+//!    must be on the practice's agent allowlist when it has one (403 otherwise).
+//! 4. The exact body is stored encrypted as a new version of `event-{type}`, with `transcript` and
+//!    `analysis` artifacts beside it, and a durable download job is written for each media link.
+//!    Only then does the gateway answer 204. A body already stored (same call, event type and
+//!    SHA-256) answers 204 without a second write. A storage failure answers 503, and Retell
+//!    retries.
+//! 5. Media downloads and the optional downstream copy run in the background ([`media`],
+//!    [`forward`]).
+//!
+//! Versions: each distinct body is its own object, `{base}.v{timestamp}-{digest}.json`, and a read
+//! of `{base}.json` serves the version with the latest signature timestamp ([`current_version`]).
+
+pub mod event;
+pub mod signature;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::{Semaphore, TryAcquireError};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::config::Practice;
+use crate::envelope::{EncryptionContext, Encryptor};
+use crate::ids::{ArtifactName, ObjectId, PracticeId};
+use crate::server::{ApiError, AppState, ResponseBody, full_body};
+use crate::storage::{Storage, StorageError};
+use event::{Event, parse_version_name, version_name};
+use signature::{BodyVerifier, Signature, SignatureError};
+
+/// The header Retell signs its webhooks with.
+pub const SIGNATURE_HEADER: &str = "x-retell-signature";
+
+/// Shared state of the webhook route.
+pub struct WebhookState {
+    /// Body bytes that may be held before their signature is checked, across all requests.
+    unverified_budget: Arc<Semaphore>,
+}
+
+impl WebhookState {
+    pub fn new(max_unverified_bytes: u64) -> Self {
+        let permits = usize::try_from(max_unverified_bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        WebhookState {
+            unverified_budget: Arc::new(Semaphore::new(permits)),
+        }
+    }
+}
+
+/// Handles one webhook delivery; `practice_segment` is the raw path segment.
+pub async fn handle_retell(
+    state: &AppState,
+    request: Request<Incoming>,
+    practice_segment: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let practice = PracticeId::new(practice_segment)
+        .ok()
+        .and_then(|id| state.config.practice(&id))
+        .filter(|practice| !practice.retell_keys.is_empty())
+        .ok_or(ApiError::WebhookUnauthenticated(SignatureError::Mismatch))?;
+    tracing::Span::current().record("practice", practice.id.as_str());
+
+    let header = request
+        .headers()
+        .get(SIGNATURE_HEADER)
+        .map(|value| value.as_bytes());
+    let signature = Signature::parse(header).map_err(ApiError::WebhookUnauthenticated)?;
+    signature
+        .check_window(now_ms())
+        .map_err(ApiError::WebhookUnauthenticated)?;
+
+    let limit = state.config.webhooks.max_body_bytes;
+    if content_length(request.headers()).is_some_and(|length| length > limit) {
+        return Err(ApiError::TooLarge { limit });
+    }
+
+    let webhooks = &state.webhooks;
+    let body =
+        read_verified_body(request.into_body(), practice, &signature, limit, webhooks).await?;
+    let event = Event::parse(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    tracing::Span::current().record("call", event.call.as_str());
+
+    if !practice.retell_agent_ids.is_empty() {
+        let allowed = event
+            .agent_id
+            .as_ref()
+            .is_some_and(|agent| practice.retell_agent_ids.contains(agent));
+        if !allowed {
+            return Err(ApiError::WebhookAgentNotAllowed);
+        }
+    }
+
+    let stored = store_event(state, practice, &event, &body, signature.timestamp_ms).await?;
+    state
+        .metrics
+        .add_bytes_received("webhook", body.len() as u64);
+    match &stored {
+        Stored::Duplicate => {
+            info!(event = %event.kind, "duplicate webhook delivery; already stored")
+        }
+        Stored::New { artifacts } => {
+            info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
+        }
+    }
+
+    let mut response = Response::new(full_body(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+/// Reads the whole body into memory while it runs through the HMACs, within the body limit and
+/// the shared budget for unverified bytes, and checks the signature at the end.
+async fn read_verified_body(
+    mut body: Incoming,
+    practice: &Practice,
+    signature: &Signature,
+    limit: u64,
+    webhooks: &WebhookState,
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let mut verifier = BodyVerifier::new(&practice.retell_keys);
+    let mut buffer = Zeroizing::new(Vec::new());
+    // Permits return to the budget when `held` drops, verified or not.
+    let mut held = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ApiError::ClientBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buffer.len() as u64 + data.len() as u64 > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        let permits = u32::try_from(data.len()).map_err(|_| ApiError::TooLarge { limit })?;
+        match Arc::clone(&webhooks.unverified_budget).try_acquire_many_owned(permits) {
+            Ok(permit) => held.push(permit),
+            Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {
+                warn!("webhook refused: the budget for unverified body bytes is exhausted");
+                return Err(ApiError::Busy);
+            }
+        }
+        verifier.update(&data);
+        buffer.extend_from_slice(&data);
+    }
+    verifier
+        .verify(signature)
+        .map_err(ApiError::WebhookUnauthenticated)?;
+    Ok(buffer)
+}
+
+/// What [`store_event`] did.
+enum Stored {
+    /// The same body was already stored for this call and event type.
+    Duplicate,
+    /// A new version was stored, with these artifacts.
+    New { artifacts: Vec<ObjectId> },
+}
+
+/// Stores the raw event as a new version, then its transcript and analysis, then the media jobs.
+async fn store_event(
+    state: &AppState,
+    practice: &Practice,
+    event: &Event,
+    body: &[u8],
+    timestamp_ms: u64,
+) -> Result<Stored, ApiError> {
+    let storage = &state.storage;
+    let existing = storage.list_call(&practice.id, &event.call).await?;
+    let base = event.artifact_base();
+    let digest = hex::encode(&event.digest[..8]);
+    let already = existing.iter().any(|(name, _)| {
+        parse_version_name(name.as_str()).is_some_and(|(b, _, d)| b == base && d == digest)
+    });
+    if already {
+        return Ok(Stored::Duplicate);
+    }
+
+    let object = |name: String| -> Result<ObjectId, ApiError> {
+        Ok(ObjectId::new(
+            practice.id.clone(),
+            event.call.clone(),
+            ArtifactName::new(name)?,
+        ))
+    };
+    let event_id = object(version_name(&base, timestamp_ms, &event.digest))?;
+    match store_bytes(state, &event_id, body).await {
+        Ok(()) => {}
+        // A concurrent delivery of the same body committed first.
+        Err(ApiError::AlreadyExists) => return Ok(Stored::Duplicate),
+        Err(error) => return Err(error),
+    }
+    let mut artifacts = vec![event_id];
+
+    let derived = [
+        ("transcript", event.transcript()),
+        ("analysis", event.analysis()),
+    ];
+    for (base, content) in derived {
+        let Some(content) = content.map(Zeroizing::new) else {
+            continue;
+        };
+        let id = object(version_name(base, timestamp_ms, &event.digest))?;
+        match store_bytes(state, &id, &content).await {
+            Ok(()) | Err(ApiError::AlreadyExists) => artifacts.push(id),
+            Err(error) => return Err(error),
+        }
+    }
+
+    Ok(Stored::New { artifacts })
+}
+
+/// Encrypts `plaintext` into a new object `id`; fails with [`ApiError::AlreadyExists`] if the
+/// object exists.
+pub async fn store_bytes(
+    state: &AppState,
+    id: &ObjectId,
+    plaintext: &[u8],
+) -> Result<(), ApiError> {
+    let keys = state.keys.get(&id.practice).ok_or(ApiError::Forbidden)?;
+    let context = EncryptionContext::for_object(id);
+    let (data_key, edk) = keys.generate_data_key(&context)?;
+    let frame_length = state.config.envelope.frame_length;
+    let mut encryptor = Encryptor::new(&data_key, vec![edk], context, frame_length)?;
+
+    let mut upload = state.storage.start_upload(id).await?;
+    let mut out = BytesMut::from(encryptor.header());
+    encryptor.update(plaintext, &mut out)?;
+    encryptor.finish(&mut out);
+    upload.write(out.freeze()).await?;
+    upload.commit().await?;
+    Ok(())
+}
+
+/// Resolves a read of `{base}.json` to the stored version with the latest signature timestamp,
+/// when no object has that exact name. Returns `None` when there is no version either.
+pub async fn current_version(
+    storage: &Storage,
+    id: &ObjectId,
+) -> Result<Option<ObjectId>, StorageError> {
+    let Some(base) = id.artifact.as_str().strip_suffix(".json") else {
+        return Ok(None);
+    };
+    let artifacts = storage.list_call(&id.practice, &id.call).await?;
+    let latest = artifacts
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let (version_base, timestamp, digest) = parse_version_name(name.as_str())?;
+            (version_base == base).then(|| (timestamp, digest.to_owned(), name.clone()))
+        })
+        .max();
+    Ok(latest.map(|(_, _, name)| ObjectId::new(id.practice.clone(), id.call.clone(), name)))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
