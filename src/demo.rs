@@ -24,6 +24,8 @@ use crate::config::Config;
 use crate::envelope::{self, Layout, ParsedHeader};
 use crate::ids::PracticeId;
 use crate::keys::KeyDirectory;
+use crate::webhook::SIGNATURE_HEADER;
+use crate::webhook::signature::sign;
 use crate::{server, tls};
 
 const PRACTICE: &str = "demo-clinic";
@@ -41,6 +43,14 @@ pub struct Summary {
     pub stored_bytes: u64,
     pub stored_path: PathBuf,
     pub http_version: String,
+    pub webhook: Option<WebhookSummary>,
+}
+
+/// What the webhook part of the demo stored.
+#[derive(Debug)]
+pub struct WebhookSummary {
+    pub call: String,
+    pub artifacts: Vec<String>,
 }
 
 /// Runs the demo in `keep` (which must be absent or empty) or in a temporary directory that is
@@ -73,7 +83,15 @@ pub async fn run(keep: Option<&Path>, input: Option<&Path>) -> Result<Summary> {
         running.data_addr, running.admin_addr
     );
 
-    let result = exercise(&directory, &running, &token, &recording).await;
+    let result = match exercise(&directory, &running, &token, &recording).await {
+        Ok(summary) => webhook_flow(&directory, &running, &token, &recording)
+            .await
+            .map(|webhook| Summary {
+                webhook: Some(webhook),
+                ..summary
+            }),
+        Err(error) => Err(error),
+    };
     running.shutdown().await;
     let summary = result?;
 
@@ -83,6 +101,16 @@ pub async fn run(keep: Option<&Path>, input: Option<&Path>) -> Result<Summary> {
         summary.plaintext_bytes, summary.http_version, summary.stored_bytes
     );
     println!("stored, and the same audio came back whole and by range.");
+    if let Some(webhook) = &summary.webhook {
+        println!(
+            "The signed call_ended webhook for {} was verified and stored, and its media was",
+            webhook.call
+        );
+        println!(
+            "downloaded and stored encrypted: {}.",
+            webhook.artifacts.join(", ")
+        );
+    }
     if keep.is_some() {
         println!(
             "kept in {}: run `callseal serve --config {}` to serve it again;",
@@ -126,7 +154,15 @@ fn setup(directory: &Path) -> Result<String> {
     let token = hex::encode(secret);
     write_private_file(&directory.join("token"), format!("{token}\n").as_bytes())?;
     let token_hash = hex::encode(Sha256::digest(token.as_bytes()));
+    getrandom::fill(&mut secret)
+        .map_err(|_| anyhow::anyhow!("the operating system's random number generator failed"))?;
+    let retell_key = format!("key_demo_{}", hex::encode(secret));
+    write_private_file(
+        &directory.join("retell-api-key"),
+        format!("{retell_key}\n").as_bytes(),
+    )?;
     println!("  created a bearer token (only its SHA-256 is configured)  token");
+    println!("  created a Retell API key that signs the demo's webhook   retell-api-key");
 
     let config = format!(
         r#"# Written by `callseal demo`. Serve it again with: callseal serve --config callseal.toml
@@ -148,6 +184,14 @@ directory = "keys"
 
 [[practices]]
 id = "{PRACTICE}"
+retell_api_keys_file = "retell-api-key"
+
+[media]
+# The demo serves the call's recording itself, on loopback, which only tests and demonstrations
+# may reach. A production gateway lists Retell's media hosts and keeps loopback refused.
+allowed_hosts = ["localhost"]
+allow_loopback_for_tests = true
+extra_ca_file = "certs/ca.pem"
 
 [[tokens]]
 name = "demo"
@@ -249,7 +293,162 @@ async fn exercise(
         stored_bytes: stored.len() as u64,
         stored_path,
         http_version,
+        webhook: None,
     })
+}
+
+/// Posts the signed `call_ended` event of a synthetic call, with its media links pointing at a
+/// local HTTPS server, and waits until the gateway has downloaded and stored the recording.
+async fn webhook_flow(
+    directory: &Path,
+    running: &server::Running,
+    token: &str,
+    recording: &[u8],
+) -> Result<WebhookSummary> {
+    let media = MediaServer::start(&directory.join("certs"), recording.to_vec()).await?;
+    let body = include_str!("../tests/fixtures/retell/call_ended.json").replace(
+        "https://recordings.example.test",
+        &format!("https://localhost:{}", media.port),
+    );
+    let event: serde_json::Value = serde_json::from_str(&body)?;
+    let call = event["call"]["call_id"]
+        .as_str()
+        .context("fixture has no call id")?
+        .to_owned();
+
+    let retell_key = fs::read_to_string(directory.join("retell-api-key"))?;
+    let signature = sign(
+        retell_key.trim().as_bytes(),
+        body.as_bytes(),
+        crate::webhook::now_ms(),
+    );
+    let client = https_client(&directory.join("certs/ca.pem"))?;
+    let base = format!("https://localhost:{}", running.data_addr.port());
+    let response = client
+        .post(format!("{base}/v1/webhooks/retell/{PRACTICE}"))
+        .header(SIGNATURE_HEADER, signature)
+        .body(body.clone())
+        .send()
+        .await
+        .context("webhook delivery failed")?;
+    ensure!(
+        response.status() == 204,
+        "webhook returned status {}",
+        response.status()
+    );
+    println!(
+        "  posted a signed call_ended webhook ({} bytes): 204",
+        body.len()
+    );
+
+    let call_url = format!("{base}/v1/practices/{PRACTICE}/calls/{call}");
+    let bearer = format!("Bearer {token}");
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let downloaded = loop {
+        let response = client
+            .get(format!("{call_url}/recording.wav"))
+            .header("authorization", &bearer)
+            .send()
+            .await?;
+        if response.status() == 200 {
+            break response.bytes().await?;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the recording was not downloaded within 60 seconds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    ensure!(
+        downloaded[..] == recording[..],
+        "the downloaded recording differs from the one served"
+    );
+    println!(
+        "  the gateway downloaded the recording from the local media server and stored it encrypted"
+    );
+
+    let stored_event = client
+        .get(format!("{call_url}/event-call_ended.json"))
+        .header("authorization", &bearer)
+        .send()
+        .await?;
+    ensure!(
+        stored_event.status() == 200,
+        "reading the event returned status {}",
+        stored_event.status()
+    );
+    ensure!(
+        stored_event.bytes().await?[..] == *body.as_bytes(),
+        "the stored event differs from the body sent"
+    );
+    println!("  read the event back byte for byte, as Retell signed it");
+
+    let call_directory = directory.join(format!("data/{PRACTICE}/calls/{call}"));
+    let mut artifacts: Vec<String> = fs::read_dir(&call_directory)?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.starts_with("job."))
+        .collect();
+    artifacts.sort();
+    println!("  stored for call {call}: {}", artifacts.join(", "));
+    Ok(WebhookSummary { call, artifacts })
+}
+
+/// A local HTTPS server standing in for Retell's media host: `.wav` paths serve the recording,
+/// any other path a short text log.
+struct MediaServer {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MediaServer {
+    async fn start(certs: &Path, recording: Vec<u8>) -> Result<Self> {
+        let resolver =
+            tls::CertResolver::load(certs.join("server.pem"), certs.join("server-key.pem"))?;
+        let acceptor = tls::acceptor(resolver, None)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let recording = bytes::Bytes::from(recording);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let recording = recording.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            let body = if request.uri().path().ends_with(".wav") {
+                                recording.clone()
+                            } else {
+                                bytes::Bytes::from_static(
+                                    b"agent: Thank you for calling the demo clinic.\n",
+                                )
+                            };
+                            async move {
+                                Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    http_body_util::Full::new(body),
+                                ))
+                            }
+                        },
+                    );
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(MediaServer { port, task })
+    }
+}
+
+impl Drop for MediaServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Describes the stored object as a reader of the AWS Encryption SDK format parses it, and

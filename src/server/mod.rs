@@ -43,6 +43,7 @@ use crate::tls::{self, CertResolver, CertWatcher};
 use crate::webhook::WebhookState;
 
 pub use error::ApiError;
+pub use routes::read_object;
 
 /// The response body type of every route: a full buffer or a stream that may fail midway.
 pub type ResponseBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -85,7 +86,8 @@ impl AppState {
             keys.insert(practice.id.clone(), loaded);
         }
         let auth = Authenticator::new(&config.tokens);
-        let webhooks = WebhookState::new(config.webhooks.max_unverified_bytes);
+        let webhooks =
+            WebhookState::new(&config, &metrics).context("invalid media or forwarding settings")?;
         Ok(AppState {
             config,
             storage,
@@ -115,6 +117,7 @@ pub struct Running {
     pub state: Arc<AppState>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    media_workers: JoinSet<()>,
     _watcher: CertWatcher,
 }
 
@@ -124,6 +127,7 @@ impl Running {
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        while self.media_workers.join_next().await.is_some() {}
         self.state.storage.wait_for_background_tasks().await;
         info!("gateway stopped");
     }
@@ -152,6 +156,18 @@ pub async fn start(config: Config) -> Result<Running> {
     let data_addr = data.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    let resumed = crate::webhook::media::resume(&state)
+        .await
+        .context("cannot list unfinished media downloads")?;
+    if resumed > 0 {
+        info!(jobs = resumed, "resuming unfinished media downloads");
+    }
+    let media_workers = crate::webhook::media::spawn_workers(
+        Arc::clone(&state),
+        state.config.media.workers,
+        shutdown.clone(),
+    );
+
     let mut tasks = JoinSet::new();
     tasks.spawn(accept_loop(
         data,
@@ -179,6 +195,7 @@ pub async fn start(config: Config) -> Result<Running> {
         state,
         shutdown,
         tasks,
+        media_workers,
         _watcher: watcher,
     })
 }

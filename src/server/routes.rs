@@ -124,6 +124,11 @@ pub async fn handle(
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    // hyper leaves out a HEAD response's body on HTTP/1.1 but sends it as DATA frames on h2,
+    // where RFC 9110 forbids content and clients reset the stream (error responses have bodies).
+    if method == Method::HEAD {
+        *response.body_mut() = full_body(Bytes::new());
+    }
     let status = response.status();
     state
         .metrics
@@ -338,6 +343,22 @@ async fn open_object(state: &AppState, requested: &ObjectId) -> Result<VerifiedO
         data_key,
         layout,
     })
+}
+
+/// Reads and verifies a whole object into memory: for small internal objects such as job
+/// records, never for media.
+pub async fn read_object(
+    state: &AppState,
+    id: &ObjectId,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
+    let object = open_object(state, id).await?;
+    let body = object.parsed.len() as u64..object.layout.object_size();
+    let ciphertext = state.storage.get_range(&object.id, body).await?;
+    let mut decryptor = Decryptor::new(&object.parsed, &object.data_key)?;
+    let mut plaintext = BytesMut::new();
+    decryptor.update(&ciphertext, &mut plaintext)?;
+    decryptor.finish()?;
+    Ok(zeroize::Zeroizing::new(plaintext.to_vec()))
 }
 
 async fn get_object(

@@ -23,6 +23,9 @@
 //! of `{base}.json` serves the version with the latest signature timestamp ([`current_version`]).
 
 pub mod event;
+pub mod fetch;
+pub mod forward;
+pub mod media;
 pub mod signature;
 
 use std::sync::Arc;
@@ -36,9 +39,10 @@ use tokio::sync::{Semaphore, TryAcquireError};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-use crate::config::Practice;
+use crate::config::{Config, MediaSettings, Practice};
 use crate::envelope::{EncryptionContext, Encryptor};
 use crate::ids::{ArtifactName, ObjectId, PracticeId};
+use crate::metrics::Metrics;
 use crate::server::{ApiError, AppState, ResponseBody, full_body};
 use crate::storage::{Storage, StorageError};
 use event::{Event, parse_version_name, version_name};
@@ -51,16 +55,48 @@ pub const SIGNATURE_HEADER: &str = "x-retell-signature";
 pub struct WebhookState {
     /// Body bytes that may be held before their signature is checked, across all requests.
     unverified_budget: Arc<Semaphore>,
+    pub jobs: media::JobQueue,
+    /// The media download client; `None` when no media host is allowed.
+    pub fetcher: Option<fetch::Fetcher>,
+    /// The downstream client; `None` when no practice forwards.
+    pub forwarder: Option<forward::Forwarder>,
 }
 
 impl WebhookState {
-    pub fn new(max_unverified_bytes: u64) -> Self {
+    /// Builds the route's state: the unverified-bytes budget, the media fetcher and the
+    /// forwarder, each from the configuration.
+    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Self, fetch::FetchError> {
+        let max_unverified_bytes = config.webhooks.max_unverified_bytes;
         let permits = usize::try_from(max_unverified_bytes)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
-        WebhookState {
+        let forward_hosts: Vec<String> = config
+            .practices
+            .iter()
+            .filter_map(|practice| practice.forward.as_ref())
+            .filter_map(|forward| {
+                reqwest::Url::parse(&forward.url)
+                    .ok()?
+                    .host_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        let forwarder = if forward_hosts.is_empty() {
+            None
+        } else {
+            let settings = MediaSettings {
+                allowed_hosts: forward_hosts,
+                ..config.media.clone()
+            };
+            let fetcher = media::fetcher(&settings)?.expect("forward hosts are not empty");
+            Some(forward::Forwarder::new(fetcher, Arc::clone(metrics)))
+        };
+        Ok(WebhookState {
             unverified_budget: Arc::new(Semaphore::new(permits)),
-        }
+            jobs: media::JobQueue::default(),
+            fetcher: media::fetcher(&config.media)?,
+            forwarder,
+        })
     }
 }
 
@@ -117,6 +153,13 @@ pub async fn handle_retell(
         }
         Stored::New { artifacts } => {
             info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
+            if let (Some(forwarder), Some(forward)) = (&webhooks.forwarder, &practice.forward) {
+                let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
+                forwarder.send(
+                    forward.clone(),
+                    event.redacted(practice.id.as_str(), &paths),
+                );
+            }
         }
     }
 
@@ -206,6 +249,20 @@ async fn store_event(
     }
     let mut artifacts = vec![event_id];
 
+    // Media jobs are recorded before the derived artifacts: they are the time-critical part.
+    for (artifact, url) in event.media() {
+        if existing.iter().any(|(name, _)| *name == artifact) {
+            continue;
+        }
+        let target = ObjectId::new(practice.id.clone(), event.call.clone(), artifact);
+        state
+            .webhooks
+            .jobs
+            .record(state, &target, &event.kind, Zeroizing::new(url))
+            .await?;
+        artifacts.push(target);
+    }
+
     let derived = [
         ("transcript", event.transcript()),
         ("analysis", event.analysis()),
@@ -275,7 +332,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
