@@ -63,6 +63,8 @@ pub struct Config {
     pub tokens: Vec<Token>,
     pub webhooks: WebhookSettings,
     pub media: MediaSettings,
+    pub aws: AwsSettings,
+    pub residency: ResidencySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +84,114 @@ pub enum StorageSettings {
     Local { path: PathBuf },
     /// Objects in memory, lost on exit: for tests and demonstrations.
     Memory,
+    /// Objects in an S3 bucket or an S3-compatible store.
+    S3(S3Settings),
+}
+
+/// An S3 bucket (or S3-compatible store) for objects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub region: String,
+    /// Key prefix inside the bucket, without leading or trailing `/`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Endpoint override for S3-compatible stores and emulators.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as most S3-compatible stores need.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Plain HTTP to the endpoint: only for a local emulator.
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+/// AWS client settings shared by every practice's KMS key.
+///
+/// # Defaults
+///
+/// | key | default |
+/// |---|---|
+/// | `region` | from the environment or profile |
+/// | `kms_endpoint_url` | AWS's regional endpoint |
+/// | `max_attempts` | 3 (the SDK's standard retry: exponential backoff with jitter) |
+/// | `connect_timeout_secs` | 3 |
+/// | `attempt_timeout_secs` | 5 |
+/// | `operation_timeout_secs` | 15 |
+/// | `data_key_cache_ttl_secs` | 60 (0 disables the cache) |
+/// | `data_key_cache_max_entries` | 10000 |
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsSettings {
+    pub region: Option<String>,
+    pub kms_endpoint_url: Option<String>,
+    pub max_attempts: u32,
+    pub connect_timeout_secs: u64,
+    pub attempt_timeout_secs: u64,
+    pub operation_timeout_secs: u64,
+    pub data_key_cache_ttl_secs: u64,
+    pub data_key_cache_max_entries: usize,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        AwsSettings {
+            region: None,
+            kms_endpoint_url: None,
+            max_attempts: 3,
+            connect_timeout_secs: 3,
+            attempt_timeout_secs: 5,
+            operation_timeout_secs: 15,
+            data_key_cache_ttl_secs: 60,
+            data_key_cache_max_entries: 10_000,
+        }
+    }
+}
+
+/// Where data may live: KMS keys and buckets must be in one of these regions.
+///
+/// # Defaults
+///
+/// The US regions: `us-east-1`, `us-east-2`, `us-west-1`, `us-west-2`, `us-gov-east-1`,
+/// `us-gov-west-1`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResidencySettings {
+    pub allowed_regions: Vec<String>,
+}
+
+impl Default for ResidencySettings {
+    fn default() -> Self {
+        let regions = [
+            "us-east-1",
+            "us-east-2",
+            "us-west-1",
+            "us-west-2",
+            "us-gov-east-1",
+            "us-gov-west-1",
+        ];
+        ResidencySettings {
+            allowed_regions: regions.map(str::to_owned).to_vec(),
+        }
+    }
+}
+
+/// A practice's customer-managed KMS key.
+#[derive(Debug, Clone)]
+pub struct KmsKey {
+    /// The full key ARN, as KMS returns it in responses.
+    pub arn: String,
+    /// A role in the practice's account to assume for this key.
+    pub role: Option<KmsRole>,
+}
+
+/// A role assumed for a practice's KMS key; the external id guards against the confused deputy.
+#[derive(Debug, Clone)]
+pub struct KmsRole {
+    pub arn: String,
+    pub external_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +278,8 @@ pub struct Practice {
     pub retell_agent_ids: BTreeSet<String>,
     /// Where a redacted copy of each new event is sent, if anywhere.
     pub forward: Option<Forward>,
+    /// The practice's KMS key; `None` means local wrapping keys.
+    pub kms: Option<KmsKey>,
 }
 
 /// Downstream forwarding of redacted events.
@@ -287,6 +399,10 @@ struct RawConfig {
     webhooks: WebhookSettings,
     #[serde(default)]
     media: MediaSettings,
+    #[serde(default)]
+    aws: AwsSettings,
+    #[serde(default)]
+    residency: ResidencySettings,
 }
 
 #[derive(Deserialize)]
@@ -300,6 +416,9 @@ struct RawPractice {
     #[serde(default)]
     retell_agent_ids: Vec<String>,
     forward: Option<RawForward>,
+    kms_key_arn: Option<String>,
+    kms_role_arn: Option<String>,
+    kms_external_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +492,7 @@ impl Config {
             practices.push(validate_practice(index, practice, &resolve)?);
         }
         check_shared_retell_keys(&practices)?;
+        check_residency(&practices, &raw.storage, &raw.residency)?;
         check_media(&raw.media)?;
 
         let mut tokens = Vec::new();
@@ -399,6 +519,7 @@ impl Config {
                 path: resolve(&path),
             },
             StorageSettings::Memory => StorageSettings::Memory,
+            StorageSettings::S3(s3) => StorageSettings::S3(s3),
         };
         Ok(Config {
             listen: raw.listen,
@@ -412,6 +533,8 @@ impl Config {
             practices,
             tokens,
             webhooks: raw.webhooks,
+            aws: raw.aws,
+            residency: raw.residency,
             media: MediaSettings {
                 extra_ca_file: raw.media.extra_ca_file.as_deref().map(resolve),
                 ..raw.media
@@ -489,11 +612,45 @@ fn validate_practice(
             })
         }
     };
+    let kms = match (
+        practice.kms_key_arn,
+        practice.kms_role_arn,
+        practice.kms_external_id,
+    ) {
+        (None, None, None) => None,
+        (None, _, _) => return Err(format!("key `{key}.kms_role_arn`: needs `kms_key_arn`")),
+        (Some(arn), role, external_id) => {
+            if crate::keys::kms::arn_region(&arn).is_none() {
+                return Err(format!(
+                    "key `{key}.kms_key_arn`: `{arn}` is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID)"
+                ));
+            }
+            let role = match (role, external_id) {
+                (None, None) => None,
+                (Some(role), Some(external_id)) if !external_id.trim().is_empty() => {
+                    Some(KmsRole {
+                        arn: role,
+                        external_id,
+                    })
+                }
+                (Some(_), _) => {
+                    return Err(format!(
+                        "key `{key}.kms_external_id`: a role is always assumed with an external id"
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(format!("key `{key}.kms_external_id`: needs `kms_role_arn`"));
+                }
+            };
+            Some(KmsKey { arn, role })
+        }
+    };
     Ok(Practice {
         id: practice.id,
         retell_keys,
         retell_agent_ids: practice.retell_agent_ids.into_iter().collect(),
         forward,
+        kms,
     })
 }
 
@@ -561,6 +718,40 @@ fn check_shared_retell_keys(practices: &[Practice]) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses KMS keys and buckets outside the allowed regions.
+fn check_residency(
+    practices: &[Practice],
+    storage: &StorageSettings,
+    residency: &ResidencySettings,
+) -> Result<(), String> {
+    let allowed = |region: &str| {
+        residency
+            .allowed_regions
+            .iter()
+            .any(|allowed| allowed == region)
+    };
+    let listed = residency.allowed_regions.join(", ");
+    for practice in practices {
+        let Some(kms) = &practice.kms else { continue };
+        let region = crate::keys::kms::arn_region(&kms.arn).unwrap_or_default();
+        if !allowed(region) {
+            return Err(format!(
+                "practice `{}`: KMS key {} is in region {region}, outside the allowed regions {listed} (`residency.allowed_regions`)",
+                practice.id, kms.arn
+            ));
+        }
+    }
+    if let StorageSettings::S3(s3) = storage
+        && !allowed(&s3.region)
+    {
+        return Err(format!(
+            "key `storage.region`: bucket {} is in region {}, outside the allowed regions {listed} (`residency.allowed_regions`)",
+            s3.bucket, s3.region
+        ));
     }
     Ok(())
 }
@@ -783,6 +974,31 @@ mod tests {
         );
         let error = parse(&text).unwrap_err();
         assert!(error.contains("forward.url"), "{error}");
+    }
+
+    #[test]
+    fn kms_key_outside_residency_is_rejected() {
+        let arn = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let text = MINIMAL.replace(
+            "id = \"clinic-1\"",
+            &format!("id = \"clinic-1\"\nkms_key_arn = \"{arn}\""),
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains(arn), "{error}");
+        assert!(error.contains("eu-west-1"), "{error}");
+        assert!(error.contains("us-east-1"), "{error}");
+        let us = text.replace("eu-west-1", "us-west-2");
+        assert!(parse(&us).unwrap().practices[0].kms.is_some());
+    }
+
+    #[test]
+    fn kms_role_needs_external_id() {
+        let text = MINIMAL.replace(
+            "id = \"clinic-1\"",
+            "id = \"clinic-1\"\nkms_key_arn = \"arn:aws:kms:us-east-1:1:key/k\"\nkms_role_arn = \"arn:aws:iam::1:role/r\"",
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("kms_external_id"), "{error}");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Metrics {
     active_streams: Gauge,
     connections_rejected: Family<ReasonLabels, Counter>,
     background_tasks: Family<TaskLabels, Counter>,
+    kms_calls: Family<OperationLabels, Counter>,
+    kms_failures: Counter,
+    audit_failures: Counter,
 }
 
 /// A request body or response body in flight, counted in `callseal_active_streams` until dropped.
@@ -88,6 +91,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: &'static str,
     outcome: &'static str,
@@ -103,6 +111,9 @@ impl Metrics {
         let active_streams = Gauge::default();
         let connections_rejected = Family::<ReasonLabels, Counter>::default();
         let background_tasks = Family::<TaskLabels, Counter>::default();
+        let kms_calls = Family::<OperationLabels, Counter>::default();
+        let kms_failures = Counter::default();
+        let audit_failures = Counter::default();
 
         // Counter names are registered without the `_total` suffix because the encoder appends
         // it, and help texts without a final period because the encoder appends one.
@@ -144,6 +155,21 @@ impl Metrics {
              failed, skipped)",
             background_tasks.clone(),
         );
+        registry.register(
+            "callseal_kms_calls",
+            "Calls to AWS KMS, by operation (GenerateDataKey, Decrypt); cached unwraps are not calls",
+            kms_calls.clone(),
+        );
+        registry.register(
+            "callseal_kms_failures",
+            "KMS calls that failed after the SDK's retries",
+            kms_failures.clone(),
+        );
+        registry.register(
+            "callseal_audit_write_failures",
+            "Audit records that could not be written; each failed its request with 503",
+            audit_failures.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -153,6 +179,9 @@ impl Metrics {
             authentication_failures,
             active_streams,
             background_tasks,
+            kms_calls,
+            kms_failures,
+            audit_failures,
             connections_rejected,
         })
     }
@@ -213,6 +242,30 @@ impl Metrics {
         self.background_tasks
             .get_or_create(&TaskLabels { task, outcome })
             .inc();
+    }
+
+    /// Counts one call to KMS.
+    pub fn record_kms_call(&self, operation: &'static str) {
+        self.kms_calls
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+
+    /// Returns how many calls of `operation` were made, for tests and the bench command.
+    pub fn kms_calls(&self, operation: &'static str) -> u64 {
+        self.kms_calls
+            .get_or_create(&OperationLabels { operation })
+            .get()
+    }
+
+    /// Counts one KMS call that failed after retries.
+    pub fn record_kms_failure(&self) {
+        self.kms_failures.inc();
+    }
+
+    /// Counts one audit record that could not be written.
+    pub fn record_audit_failure(&self) {
+        self.audit_failures.inc();
     }
 
     /// Encodes every metric in the Prometheus text format, to be served with [`CONTENT_TYPE`].

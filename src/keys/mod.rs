@@ -8,6 +8,8 @@
 //! - [`local`]: one 256-bit wrapping key per practice and version in a key directory, using the
 //!   AWS Encryption SDK's Raw AES keyring layout so AWS's own SDKs can unwrap it.
 
+pub mod aws;
+pub mod kms;
 pub mod local;
 
 use std::fmt;
@@ -84,6 +86,46 @@ impl fmt::Debug for WrappingKey {
     }
 }
 
+/// The key-encryption key of one practice: local wrapping keys or a KMS key.
+#[derive(Debug)]
+pub enum Keyring {
+    Local(PracticeKeys),
+    Kms(kms::KmsKeyring),
+}
+
+impl Keyring {
+    /// Generates a data key for one object and wraps it under the practice's current key.
+    pub async fn generate_data_key(
+        &self,
+        context: &crate::envelope::EncryptionContext,
+    ) -> Result<(DataKey, crate::envelope::EncryptedDataKey), KeyError> {
+        match self {
+            Keyring::Local(keys) => keys.generate_data_key(context),
+            Keyring::Kms(keyring) => keyring.generate_data_key(context).await,
+        }
+    }
+
+    /// Unwraps an object's data key with the practice's key.
+    pub async fn unwrap(
+        &self,
+        edks: &[crate::envelope::EncryptedDataKey],
+        context: &crate::envelope::EncryptionContext,
+    ) -> Result<DataKey, KeyError> {
+        match self {
+            Keyring::Local(keys) => keys.unwrap(edks, context),
+            Keyring::Kms(keyring) => keyring.unwrap(edks, context).await,
+        }
+    }
+
+    /// Names the key for logs: a local key name or a KMS key ARN.
+    pub fn describe(&self) -> String {
+        match self {
+            Keyring::Local(keys) => keys.current().to_string(),
+            Keyring::Kms(keyring) => keyring.key_arn().to_owned(),
+        }
+    }
+}
+
 /// Errors from key generation, key files and wrapping.
 ///
 /// Messages name files, practices and key names, never key bytes.
@@ -123,4 +165,24 @@ pub enum KeyError {
     MalformedEdk(&'static str),
     #[error("unwrapping the data key failed: wrong key or tampered message")]
     Unwrap,
+    #[error("the KMS key {key_id} of practice `{practice}` is unavailable ({code}); retry later")]
+    KmsUnavailable {
+        practice: String,
+        key_id: String,
+        code: String,
+    },
+    #[error("the KMS key {key_id} of practice `{practice}` is disabled")]
+    KmsKeyDisabled { practice: String, key_id: String },
+    #[error(
+        "the KMS key {key_id} of practice `{practice}` is pending deletion or otherwise unusable"
+    )]
+    KmsKeyState { practice: String, key_id: String },
+    #[error("callseal is not allowed to use the KMS key {key_id} of practice `{practice}`")]
+    KmsAccessDenied { practice: String, key_id: String },
+    #[error("KMS answered for key {key_id} of practice `{practice}` with {what}")]
+    KmsBadResponse {
+        practice: String,
+        key_id: String,
+        what: &'static str,
+    },
 }

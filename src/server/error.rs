@@ -52,6 +52,13 @@ pub enum ApiError {
     StorageUnavailable(#[source] StorageError),
     #[error("the practice's key is unavailable")]
     KeyUnavailable(#[source] KeyError),
+    /// KMS could not be reached or kept failing: retryable.
+    #[error("the practice's key service is unavailable; retry later")]
+    KeyServiceUnavailable(#[source] KeyError),
+    /// The practice's KMS key is disabled, pending deletion or denies callseal: not retryable
+    /// until the practice acts.
+    #[error("{}", refusal_message(.0))]
+    KeyRefused(#[source] KeyError),
     /// The client went away or sent a broken body, so no response reaches it.
     #[error("the request body could not be read")]
     ClientBody(#[source] hyper::Error),
@@ -76,7 +83,10 @@ impl ApiError {
             | ApiError::StoredObjectMisplaced
             | ApiError::KeyUnavailable(_)
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::StorageUnavailable(_) | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StorageUnavailable(_)
+            | ApiError::Busy
+            | ApiError::KeyServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeyRefused(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -110,7 +120,9 @@ impl ApiError {
                     headers.insert(header::CONTENT_RANGE, value);
                 }
             }
-            ApiError::StorageUnavailable(_) | ApiError::Busy => {
+            ApiError::StorageUnavailable(_)
+            | ApiError::Busy
+            | ApiError::KeyServiceUnavailable(_) => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),
@@ -119,6 +131,16 @@ impl ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// The client-facing message of a refused KMS key; the log line names the key id.
+fn refusal_message(error: &KeyError) -> &'static str {
+    match error {
+        KeyError::KmsKeyDisabled { .. } => "the practice's KMS key is disabled",
+        KeyError::KmsKeyState { .. } => "the practice's KMS key is pending deletion or unusable",
+        KeyError::KmsAccessDenied { .. } => "callseal is not allowed to use the practice's KMS key",
+        _ => "the practice's key refused the request",
     }
 }
 
@@ -168,6 +190,10 @@ impl From<KeyError> for ApiError {
             KeyError::Unwrap | KeyError::MalformedEdk(_) | KeyError::NoMatchingKey => {
                 ApiError::StoredObjectInvalid
             }
+            KeyError::KmsUnavailable { .. } => ApiError::KeyServiceUnavailable(error),
+            KeyError::KmsKeyDisabled { .. }
+            | KeyError::KmsKeyState { .. }
+            | KeyError::KmsAccessDenied { .. } => ApiError::KeyRefused(error),
             other => ApiError::KeyUnavailable(other),
         }
     }

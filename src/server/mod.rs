@@ -36,7 +36,8 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::auth::Authenticator;
 use crate::config::{Config, StorageSettings};
 use crate::ids::PracticeId;
-use crate::keys::{KeyDirectory, PracticeKeys};
+use crate::keys::kms::{DataKeyCache, KmsKeyring};
+use crate::keys::{KeyDirectory, Keyring};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::tls::{self, CertResolver, CertWatcher};
@@ -58,7 +59,7 @@ pub(crate) fn full_body(bytes: Bytes) -> ResponseBody {
 pub struct AppState {
     pub config: Config,
     pub storage: Storage,
-    pub keys: HashMap<PracticeId, PracticeKeys>,
+    pub keys: HashMap<PracticeId, Keyring>,
     pub key_directory: KeyDirectory,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
@@ -76,15 +77,10 @@ impl AppState {
                     .with_context(|| format!("cannot open storage at {}", path.display()))?
             }
             StorageSettings::Memory => Storage::in_memory(),
+            StorageSettings::S3(s3) => Storage::open_s3(s3).context("cannot open S3 storage")?,
         };
+        let keys = load_keyrings(&config, &metrics).await?;
         let key_directory = KeyDirectory::new(&config.keys.directory);
-        let mut keys = HashMap::new();
-        for practice in &config.practices {
-            let loaded = key_directory
-                .load(&practice.id)
-                .with_context(|| format!("cannot load the keys of practice `{}`", practice.id))?;
-            keys.insert(practice.id.clone(), loaded);
-        }
         let auth = Authenticator::new(&config.tokens);
         let webhooks =
             WebhookState::new(&config, &metrics).context("invalid media or forwarding settings")?;
@@ -98,6 +94,50 @@ impl AppState {
             webhooks,
         })
     }
+}
+
+/// Loads each practice's keyring: its local keys, or a client for its KMS key.
+async fn load_keyrings(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<HashMap<PracticeId, Keyring>> {
+    let key_directory = KeyDirectory::new(&config.keys.directory);
+    let uses_kms = config
+        .practices
+        .iter()
+        .any(|practice| practice.kms.is_some());
+    let aws = if uses_kms {
+        Some(crate::keys::aws::load_config(&config.aws).await)
+    } else {
+        None
+    };
+    let cache = Arc::new(DataKeyCache::new(
+        std::time::Duration::from_secs(config.aws.data_key_cache_ttl_secs),
+        config.aws.data_key_cache_max_entries,
+    ));
+
+    let mut keys = HashMap::new();
+    for practice in &config.practices {
+        let keyring =
+            match (&practice.kms, &aws) {
+                (Some(kms), Some(aws)) => {
+                    let client = crate::keys::aws::kms_client(aws, &config.aws, kms).await;
+                    info!(practice = %practice.id, key_id = %kms.arn, "practice uses its KMS key");
+                    Keyring::Kms(KmsKeyring::new(
+                        practice.id.clone(),
+                        kms.arn.clone(),
+                        client,
+                        Arc::clone(&cache),
+                        Arc::clone(metrics),
+                    ))
+                }
+                _ => Keyring::Local(key_directory.load(&practice.id).with_context(|| {
+                    format!("cannot load the keys of practice `{}`", practice.id)
+                })?),
+            };
+        keys.insert(practice.id.clone(), keyring);
+    }
+    Ok(keys)
 }
 
 /// Creates a directory (and its parents) with mode 0700 unless it exists.
@@ -222,7 +262,13 @@ impl Readiness for GatewayReadiness {
                 .check()
                 .await
                 .map_err(|error| format!("storage: {error}"))?;
+            // Local key files must still load. KMS keys are not probed here: a KMS call per
+            // probe would flood the practice's CloudTrail; KMS failures show in requests and
+            // in `callseal_kms_failures_total`.
             for practice in &self.state.config.practices {
+                if practice.kms.is_some() {
+                    continue;
+                }
                 self.state
                     .key_directory
                     .load(&practice.id)

@@ -234,7 +234,7 @@ async fn put_object(
 
     let keys = state.keys.get(&id.practice).ok_or(ApiError::Forbidden)?;
     let context = EncryptionContext::for_object(id);
-    let (data_key, edk) = keys.generate_data_key(&context)?;
+    let (data_key, edk) = keys.generate_data_key(&context).await?;
     let frame_length = state.config.envelope.frame_length;
     let mut encryptor = Encryptor::new(&data_key, vec![edk], context, frame_length)?;
     drop(data_key);
@@ -325,7 +325,9 @@ async fn open_object(state: &AppState, requested: &ObjectId) -> Result<VerifiedO
 
     envelope::check_context(&parsed.header, &EncryptionContext::for_object(id))?;
     let keys = state.keys.get(&id.practice).ok_or(ApiError::Forbidden)?;
-    let data_key = keys.unwrap(&parsed.header.edks, &parsed.header.context)?;
+    let data_key = keys
+        .unwrap(&parsed.header.edks, &parsed.header.context)
+        .await?;
 
     let layout = Layout::new(&parsed, size)?;
     let final_plan = layout.final_frame_plan();

@@ -140,6 +140,7 @@ struct Inner {
 enum Backend {
     Local { root: PathBuf },
     Memory,
+    S3 { bucket: String },
 }
 
 /// Counts the tasks that run on after their caller returned: spawned aborts of dropped uploads
@@ -205,6 +206,45 @@ impl Storage {
             Arc::new(store),
             Backend::Local { root },
             lock_namespace,
+        ))
+    }
+
+    /// Opens an S3 bucket or an S3-compatible store. Credentials come from the environment
+    /// (`AWS_ACCESS_KEY_ID`, web identity, container or instance credentials), as object_store's
+    /// `AmazonS3Builder::from_env` reads them.
+    ///
+    /// NOTE: create-only commits are enforced by a per-process lock and an existence check, so
+    /// two gateway replicas writing one path at the same moment could both succeed; the later
+    /// completion then replaces the earlier object.
+    pub fn open_s3(settings: &crate::config::S3Settings) -> Result<Self> {
+        let mut builder = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_virtual_hosted_style_request(!settings.path_style)
+            .with_allow_http(settings.allow_http);
+        if let Some(endpoint) = &settings.endpoint_url {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder
+            .build()
+            .map_err(|source| classify_str(&format!("s3://{}", settings.bucket), source))?;
+        let prefix = settings
+            .prefix
+            .as_deref()
+            .map(|p| p.trim_matches('/'))
+            .filter(|p| !p.is_empty());
+        let store: Arc<dyn ObjectStore> = match prefix {
+            Some(prefix) => Arc::new(object_store::prefix::PrefixStore::new(store, prefix)),
+            None => Arc::new(store),
+        };
+        let namespace = format!("s3:{}/{}", settings.bucket, prefix.unwrap_or_default());
+        tracing::info!(bucket = %settings.bucket, region = %settings.region, "opened S3 object storage");
+        Ok(Self::from_store(
+            store,
+            Backend::S3 {
+                bucket: settings.bucket.clone(),
+            },
+            namespace,
         ))
     }
 
@@ -389,6 +429,7 @@ impl Storage {
         let root_label = match &self.inner.backend {
             Backend::Local { root } => root.display().to_string(),
             Backend::Memory => "the in-memory store".to_owned(),
+            Backend::S3 { bucket } => format!("s3://{bucket}"),
         };
         self.inner
             .store
@@ -413,6 +454,10 @@ impl fmt::Debug for Storage {
             Backend::Memory => f
                 .debug_struct("Storage")
                 .field("backend", &"memory")
+                .finish(),
+            Backend::S3 { bucket } => f
+                .debug_struct("Storage")
+                .field("s3_bucket", bucket)
                 .finish(),
         }
     }

@@ -249,7 +249,7 @@ impl EncryptingUpload {
             .get(&target.practice)
             .ok_or(ApiError::Forbidden)?;
         let context = EncryptionContext::for_object(target);
-        let (data_key, edk) = keys.generate_data_key(&context)?;
+        let (data_key, edk) = keys.generate_data_key(&context).await?;
         let frame_length = state.config.envelope.frame_length;
         let encryptor = Encryptor::new(&data_key, vec![edk], context, frame_length)?;
         let mut upload = state.storage.start_upload(target).await?;

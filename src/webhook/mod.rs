@@ -290,7 +290,7 @@ pub async fn store_bytes(
 ) -> Result<(), ApiError> {
     let keys = state.keys.get(&id.practice).ok_or(ApiError::Forbidden)?;
     let context = EncryptionContext::for_object(id);
-    let (data_key, edk) = keys.generate_data_key(&context)?;
+    let (data_key, edk) = keys.generate_data_key(&context).await?;
     let frame_length = state.config.envelope.frame_length;
     let mut encryptor = Encryptor::new(&data_key, vec![edk], context, frame_length)?;
 
