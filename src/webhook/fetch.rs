@@ -1,10 +1,10 @@
 //! Media downloads for Retell webhooks, hardened against server-side request forgery (SSRF).
 //!
-//! A Retell webhook carries links to the call's media (the recording, call logs). Each link is a
-//! bearer credential, because whoever holds it can download PHI, and it may expire 10 minutes after
-//! delivery. [`Fetcher`] downloads such a link and passes the body to a [`ChunkSink`] one chunk at
-//! a time, so the caller encrypts and stores each chunk as it arrives and never buffers the whole
-//! body.
+//! A Retell webhook carries links to the call's media (the recording, call logs). Each link works
+//! as a bearer credential, since anyone who has it can download PHI, and it may expire 10 minutes
+//! after delivery. [`Fetcher`] downloads such a link and passes the body to a [`ChunkSink`] one
+//! chunk at a time, so the caller encrypts and stores each chunk as it arrives and never buffers
+//! the whole body.
 //!
 //! Invariants:
 //!
@@ -54,8 +54,8 @@ pub const MAX_REDIRECTS: usize = 5;
 
 /// Default of [`FetchPolicy::max_bytes`]: 1 GiB.
 ///
-/// An estimate of what a recording needs: 1 GiB holds over 3 hours of two-channel 16-bit PCM
-/// at 24 kHz.
+/// An estimate of what a recording needs: 1 GiB stores more than 3 hours of two-channel 16-bit
+/// PCM at 24 kHz.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
 /// Default of [`FetchPolicy::connect_timeout`]: 10 seconds.
@@ -74,7 +74,7 @@ pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 /// Default of [`FetchPolicy::max_backoff`]: 30 seconds.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// What a [`Fetcher`] may download, and its limits.
+/// The rules and limits of a [`Fetcher`]: allowed hosts, trust roots, size, time and retries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchPolicy {
     /// Host names that may be requested, compared case-insensitively after IDNA normalization.
@@ -82,6 +82,7 @@ pub struct FetchPolicy {
     /// An entry is an exact host name (`media.example.com`), a literal IP address (`192.0.2.1`,
     /// `[2001:db8::1]`), or `*.example.com`, which matches every name below `example.com` but not
     /// `example.com` itself. A URL host with a trailing dot (`example.com.`) matches no entry.
+    /// Entries name no port, and a URL may use any port of an allowed host.
     /// An empty list is rejected by [`Fetcher::new`].
     pub allowed_hosts: Vec<String>,
 
@@ -323,7 +324,7 @@ impl Fetcher {
     /// attempt begins a new upload. The sink of a failed attempt is aborted with
     /// [`ChunkSink::abort`]. An error of `start` fails the download like a sink error.
     ///
-    /// Only errors for which [`FetchError::is_retryable`] holds are retried, at most
+    /// Only errors for which [`FetchError::is_retryable`] returns true are retried, at most
     /// [`FetchPolicy::max_attempts`] attempts in all. Before attempt `n + 1` the fetcher sleeps
     /// for a random delay between zero and `initial_backoff × 2^(n − 1)`, capped at
     /// `max_backoff` (exponential backoff with full jitter).
@@ -486,7 +487,7 @@ impl Fetcher {
 
     /// Maps a request or body error of reqwest to a [`FetchError`], dropping the URL it carries.
     fn request_error(&self, error: reqwest::Error) -> FetchError {
-        let error = error;
+        let error = error.without_url();
 
         if let Some(failure) = find_cause::<ResolveFailure>(&error) {
             return failure.to_fetch_error();
@@ -516,7 +517,7 @@ impl Fetcher {
     }
 }
 
-/// Why a URL, or a redirect target, was rejected.
+/// The reason a URL, or a redirect target, was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UrlRejection {
@@ -1559,11 +1560,11 @@ mod tests {
         );
     }
 
-    /// Returns fixed addresses for each name, and records the names it was asked for.
+    /// Returns fixed addresses for each name, and records the names it looked up.
     #[derive(Default)]
     struct StubLookup {
         answers: HashMap<String, Vec<IpAddr>>,
-        asked: Mutex<Vec<String>>,
+        looked_up: Mutex<Vec<String>>,
     }
 
     impl StubLookup {
@@ -1574,18 +1575,18 @@ mod tests {
                 .collect();
             Self {
                 answers: HashMap::from([(host.to_owned(), ips)]),
-                asked: Mutex::default(),
+                looked_up: Mutex::default(),
             }
         }
 
-        fn asked(&self) -> Vec<String> {
-            self.asked.lock().expect("lock").clone()
+        fn looked_up(&self) -> Vec<String> {
+            self.looked_up.lock().expect("lock").clone()
         }
     }
 
     impl HostLookup for StubLookup {
         fn lookup(&self, host: String) -> LookupFuture {
-            self.asked.lock().expect("lock").push(host.clone());
+            self.looked_up.lock().expect("lock").push(host.clone());
             let answer = self.answers.get(&host).cloned().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, "name not known to the stub")
             });
@@ -1696,7 +1697,7 @@ mod tests {
         let result =
             resolve_checked(&rules(&["media.test"], false), &lookup, "other.test".into()).await;
         assert_eq!(result, Err(ResolveFailure::HostNotAllowed));
-        assert!(lookup.asked().is_empty());
+        assert!(lookup.looked_up().is_empty());
     }
 
     #[tokio::test]
@@ -1721,8 +1722,8 @@ mod tests {
         }
     }
 
-    /// Runs a download through a fetcher whose resolver answers from `lookup`. Every address
-    /// used here is rejected before any connection.
+    /// Runs a download through a fetcher whose resolver gets its addresses from `lookup`. Every
+    /// address used here is rejected before any connection.
     async fn fetch_with_stub(
         lookup: StubLookup,
         url: &str,
@@ -1736,7 +1737,7 @@ mod tests {
         let mut sink = VecSink(Vec::new());
         let result = fetcher.fetch_once(url, &mut sink).await;
         assert!(sink.0.is_empty());
-        (result, lookup.asked())
+        (result, lookup.looked_up())
     }
 
     #[tokio::test]
@@ -1750,13 +1751,12 @@ mod tests {
         ];
         for (addresses, class) in cases {
             let lookup = StubLookup::with("media.test", addresses);
-            let (result, asked) = fetch_with_stub(lookup, "https://media.test/rec.wav?t=1").await;
-            assert_eq!(asked, ["media.test"], "{addresses:?}");
+            let (result, looked_up) =
+                fetch_with_stub(lookup, "https://media.test/rec.wav?t=1").await;
+            assert_eq!(looked_up, ["media.test"], "{addresses:?}");
+            let expected = UrlRejection::AddressNotAllowed(*class);
             assert!(
-                matches!(
-                    &result,
-                    Err(FetchError::Rejected { reason: UrlRejection::AddressNotAllowed(c) }) if c == class
-                ),
+                matches!(&result, Err(FetchError::Rejected { reason }) if *reason == expected),
                 "{addresses:?} gave {result:?}"
             );
         }
@@ -1764,8 +1764,9 @@ mod tests {
 
     #[tokio::test]
     async fn fetcher_reports_lookup_failure_as_retryable() {
-        let (result, asked) = fetch_with_stub(StubLookup::default(), "https://media.test/x").await;
-        assert_eq!(asked, ["media.test"]);
+        let (result, looked_up) =
+            fetch_with_stub(StubLookup::default(), "https://media.test/x").await;
+        assert_eq!(looked_up, ["media.test"]);
         let error = result.expect_err("the stub knows no name");
         assert!(matches!(error, FetchError::Resolve { .. }), "{error:?}");
         assert!(error.is_retryable());
