@@ -494,6 +494,12 @@ impl Config {
         check_shared_retell_keys(&practices)?;
         check_residency(&practices, &raw.storage, &raw.residency)?;
         check_media(&raw.media)?;
+        if raw.webhooks.max_unverified_bytes < raw.webhooks.max_body_bytes {
+            return Err(format!(
+                "key `webhooks.max_unverified_bytes`: {} is below `webhooks.max_body_bytes` ({}), so the largest bodies could never be accepted",
+                raw.webhooks.max_unverified_bytes, raw.webhooks.max_body_bytes
+            ));
+        }
 
         let mut tokens = Vec::new();
         for (index, token) in raw.tokens.into_iter().enumerate() {

@@ -23,6 +23,12 @@ pub const FORWARDED_CALL_FIELDS: &[&str] = &[
     "duration_ms",
 ];
 
+/// The longest event type accepted: its versioned artifact name,
+/// `event-{type}.v{13 digits}-{16 hex}.json`, must fit the 128-byte id limit. Retell's event
+/// types are about 20 bytes.
+pub const MAX_EVENT_TYPE_LEN: usize =
+    crate::ids::MAX_ID_LEN - "event-.v0000000000000-0000000000000000.json".len();
+
 /// Media links in a call object and the artifact each is stored as.
 pub const MEDIA_FIELDS: &[(&str, &str)] = &[
     ("recording_url", "recording.wav"),
@@ -62,6 +68,8 @@ pub enum EventError {
     MissingCallId,
     #[error("{0}")]
     InvalidId(#[from] InvalidId),
+    #[error("webhook event type is longer than {MAX_EVENT_TYPE_LEN} bytes")]
+    EventTypeTooLong,
 }
 
 /// A parsed, verified event.
@@ -83,6 +91,9 @@ impl Event {
             .and_then(Value::as_str)
             .ok_or(EventError::MissingEvent)?;
         crate::ids::validate("event type", kind)?;
+        if kind.len() > MAX_EVENT_TYPE_LEN {
+            return Err(EventError::EventTypeTooLong);
+        }
         let call_object = call_object(&value).ok_or(EventError::MissingCallId)?;
         let call_id = call_object
             .get("call_id")
@@ -256,6 +267,20 @@ mod tests {
         }
         assert!(copy.contains("\"duration_ms\":1000"), "{copy}");
         assert!(copy.contains("\"agent_id\":\"a1\""), "{copy}");
+    }
+
+    #[test]
+    fn event_type_length_limit_pair() {
+        let body = |kind: &str| format!(r#"{{"event":"{kind}","call":{{"call_id":"c"}}}}"#);
+        let at_limit = "e".repeat(MAX_EVENT_TYPE_LEN);
+        let event = Event::parse(body(&at_limit).as_bytes()).unwrap();
+        let name = version_name(&event.artifact_base(), u64::MAX / 2_000_000, &event.digest);
+        assert!(ArtifactName::new(name).is_ok());
+        let over = "e".repeat(MAX_EVENT_TYPE_LEN + 1);
+        assert!(matches!(
+            Event::parse(body(&over).as_bytes()),
+            Err(EventError::EventTypeTooLong)
+        ));
     }
 
     #[test]

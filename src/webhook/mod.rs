@@ -56,6 +56,8 @@ pub struct WebhookState {
     /// Body bytes that may be held before their signature is checked, across all requests.
     unverified_budget: Arc<Semaphore>,
     pub jobs: media::JobQueue,
+    /// Serializes the storing of one event type for one call.
+    event_locks: KeyedLocks,
     /// The media download client; `None` when no media host is allowed.
     pub fetcher: Option<fetch::Fetcher>,
     /// The downstream client; `None` when no practice forwards.
@@ -94,6 +96,7 @@ impl WebhookState {
         Ok(WebhookState {
             unverified_budget: Arc::new(Semaphore::new(permits)),
             jobs: media::JobQueue::default(),
+            event_locks: KeyedLocks::default(),
             fetcher: media::fetcher(&config.media)?,
             forwarder,
         })
@@ -214,7 +217,16 @@ enum Stored {
     New { artifacts: Vec<ObjectId> },
 }
 
-/// Stores the raw event as a new version, then its transcript and analysis, then the media jobs.
+/// Stores the raw event as a new version (unless this body is already stored), then records the
+/// media jobs and writes the transcript and analysis that are still missing.
+///
+/// A repeated delivery completes what an earlier, failed one left out, so Retell's retry after a
+/// 503 never leaves a transcript or a media job missing for good. Deliveries of one event type
+/// for one call are serialized, so overlapping retries of one body (each signed at another
+/// timestamp) store a single version.
+///
+/// NOTE: the serialization is per process; two replicas receiving the same body at the same
+/// moment could each store a version, which readers see as two identical versions.
 async fn store_event(
     state: &AppState,
     practice: &Practice,
@@ -222,16 +234,17 @@ async fn store_event(
     body: &[u8],
     timestamp_ms: u64,
 ) -> Result<Stored, ApiError> {
+    let base = event.artifact_base();
+    let lock_key = format!("{}/{}/{base}", practice.id, event.call);
+    let _serialized = state.webhooks.event_locks.lock(lock_key).await;
+
     let storage = &state.storage;
     let existing = storage.list_call(&practice.id, &event.call).await?;
-    let base = event.artifact_base();
     let digest = hex::encode(&event.digest[..8]);
-    let already = existing.iter().any(|(name, _)| {
-        parse_version_name(name.as_str()).is_some_and(|(b, _, d)| b == base && d == digest)
+    let stored_timestamp = existing.iter().find_map(|(name, _)| {
+        let (version_base, timestamp, version_digest) = parse_version_name(name.as_str())?;
+        (version_base == base && version_digest == digest).then_some(timestamp)
     });
-    if already {
-        return Ok(Stored::Duplicate);
-    }
 
     let object = |name: String| -> Result<ObjectId, ApiError> {
         Ok(ObjectId::new(
@@ -240,16 +253,15 @@ async fn store_event(
             ArtifactName::new(name)?,
         ))
     };
-    let event_id = object(version_name(&base, timestamp_ms, &event.digest))?;
-    match store_bytes(state, &event_id, body).await {
-        Ok(()) => {}
-        // A concurrent delivery of the same body committed first.
-        Err(ApiError::AlreadyExists) => return Ok(Stored::Duplicate),
-        Err(error) => return Err(error),
+    let version_timestamp = stored_timestamp.unwrap_or(timestamp_ms);
+    let event_id = object(version_name(&base, version_timestamp, &event.digest))?;
+    let is_new = stored_timestamp.is_none();
+    if is_new {
+        store_bytes(state, &event_id, body).await?;
     }
     let mut artifacts = vec![event_id];
 
-    // Media jobs are recorded before the derived artifacts: they are the time-critical part.
+    // Media jobs come before the derived artifacts: their links may expire within minutes.
     for (artifact, url) in event.media() {
         if existing.iter().any(|(name, _)| *name == artifact) {
             continue;
@@ -267,18 +279,76 @@ async fn store_event(
         ("transcript", event.transcript()),
         ("analysis", event.analysis()),
     ];
-    for (base, content) in derived {
+    for (derived_base, content) in derived {
         let Some(content) = content.map(Zeroizing::new) else {
             continue;
         };
-        let id = object(version_name(base, timestamp_ms, &event.digest))?;
+        let id = object(version_name(derived_base, version_timestamp, &event.digest))?;
+        if existing.iter().any(|(name, _)| *name == id.artifact) {
+            artifacts.push(id);
+            continue;
+        }
         match store_bytes(state, &id, &content).await {
             Ok(()) | Err(ApiError::AlreadyExists) => artifacts.push(id),
             Err(error) => return Err(error),
         }
     }
 
-    Ok(Stored::New { artifacts })
+    Ok(if is_new {
+        Stored::New { artifacts }
+    } else {
+        Stored::Duplicate
+    })
+}
+
+/// Async locks by key, created on demand and removed when no one holds or waits for them.
+#[derive(Default)]
+pub struct KeyedLocks {
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A held [`KeyedLocks`] entry; releases the key when dropped.
+pub struct KeyedGuard<'a> {
+    owner: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    pub async fn lock(&self, key: String) -> KeyedGuard<'_> {
+        let lock = {
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(locks.entry(key.clone()).or_default())
+        };
+        let guard = lock.lock_owned().await;
+        KeyedGuard {
+            owner: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self
+            .owner
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The guard held a clone of the lock. With it dropped, a count of one means only the map
+        // holds the lock and nobody waits for it, so the entry can go.
+        if locks
+            .get(&self.key)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            locks.remove(&self.key);
+        }
+    }
 }
 
 /// Encrypts `plaintext` into a new object `id`; fails with [`ApiError::AlreadyExists`] if the
