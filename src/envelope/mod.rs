@@ -99,5 +99,41 @@ pub fn check_context(header: &Header, expected: &EncryptionContext) -> Result<()
     })
 }
 
+/// Rewrites a message header so that `edks` wrap its data key, for key rotation without
+/// re-encrypting the body.
+///
+/// The old header is authenticated with `data_key` first (commitment key and header tag), so a
+/// tampered header is never re-signed. The message id, context, frame length and commitment stay
+/// the same, so every frame of the body stays valid behind the new header, whose tag is computed
+/// anew. Returns the new header bytes, tag included.
+pub fn rewrap_header(
+    parsed: &ParsedHeader,
+    data_key: &crate::keys::DataKey,
+    edks: Vec<EncryptedDataKey>,
+) -> Result<Vec<u8>, Error> {
+    if edks.is_empty() || edks.len() > MAX_EDKS {
+        return Err(Error::Limit(format!(
+            "a message needs 1 to {MAX_EDKS} encrypted data keys"
+        )));
+    }
+    let (cipher, commitment) = frame::FrameCipher::derive(data_key, &parsed.header.message_id);
+    frame::verify_commitment(&commitment, &parsed.header.commitment)?;
+    cipher.verify_header(&parsed.body, &parsed.tag)?;
+
+    let header = Header {
+        edks,
+        ..parsed.header.clone()
+    };
+    let mut bytes = header.serialize_body();
+    if bytes.len() + TAG_LEN > MAX_HEADER_LEN {
+        return Err(Error::Limit(format!(
+            "header longer than {MAX_HEADER_LEN} bytes"
+        )));
+    }
+    let tag = cipher.header_tag(&bytes);
+    bytes.extend_from_slice(&tag);
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests;

@@ -665,3 +665,44 @@ proptest! {
         prop_assert!(fuzzing::decrypt_untrusted(&message).is_err(), "byte {} accepted", position);
     }
 }
+
+// Key rotation: a new header in front of the old body.
+
+#[test]
+fn rewrapped_header_keeps_body_valid() {
+    let data = plaintext(10_000);
+    let message = encrypt(&data, 4096);
+    let parsed = parsed(&message);
+    let new_edk = EncryptedDataKey {
+        provider_id: b"other".to_vec(),
+        provider_info: b"key-2".to_vec(),
+        ciphertext: vec![0xCD; 48],
+    };
+    let header = rewrap_header(&parsed, &data_key(), vec![new_edk.clone()]).unwrap();
+    let mut rewrapped = header.clone();
+    rewrapped.extend_from_slice(&message[parsed.len()..]);
+
+    let reparsed = ParsedHeader::parse(&rewrapped).unwrap().unwrap();
+    assert_eq!(reparsed.header.edks, vec![new_edk]);
+    assert_eq!(reparsed.header.message_id, parsed.header.message_id);
+    let (released, result) = decrypt(&rewrapped);
+    assert_eq!(result, Ok(()));
+    assert!(released == data);
+}
+
+#[test]
+fn rewrap_rejects_wrong_key_and_tampered_header() {
+    let message = encrypt(b"phi", 4096);
+    let parsed = parsed(&message);
+    assert_eq!(
+        rewrap_header(&parsed, &other_key(), vec![edk()]),
+        Err(Error::Authentication)
+    );
+    let mut tampered = message.clone();
+    tampered[5] ^= 1;
+    let tampered = ParsedHeader::parse(&tampered).unwrap().unwrap();
+    assert_eq!(
+        rewrap_header(&tampered, &data_key(), vec![edk()]),
+        Err(Error::Authentication)
+    );
+}

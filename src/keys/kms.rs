@@ -116,6 +116,40 @@ impl KmsKeyring {
         Ok((data_key, edk))
     }
 
+    /// Wraps an existing data key under this KMS key with `Encrypt` (key rotation re-wraps
+    /// this way, as the AWS Encryption SDK's KMS keyring does for additional keys).
+    pub async fn wrap(
+        &self,
+        data_key: &DataKey,
+        context: &EncryptionContext,
+    ) -> Result<EncryptedDataKey, KeyError> {
+        self.metrics.record_kms_call("Encrypt");
+        let output = self
+            .client
+            .encrypt()
+            .key_id(&self.key_arn)
+            .plaintext(Blob::new(data_key.expose().to_vec()))
+            .set_encryption_context(Some(context_map(context)))
+            .send()
+            .await
+            .map_err(|error| self.classify(error))?;
+        let key_id = output
+            .key_id()
+            .ok_or_else(|| self.bad_response("no key id"))?
+            .to_owned();
+        if !self.is_our_key(&key_id) {
+            return Err(self.bad_response("a key id other than the target key"));
+        }
+        let wrapped = output
+            .ciphertext_blob()
+            .ok_or_else(|| self.bad_response("no ciphertext"))?;
+        Ok(EncryptedDataKey {
+            provider_id: PROVIDER_ID.as_bytes().to_vec(),
+            provider_info: key_id.into_bytes(),
+            ciphertext: wrapped.as_ref().to_vec(),
+        })
+    }
+
     /// Unwraps the first EDK of this practice's KMS key, from the cache or with `Decrypt`.
     pub async fn unwrap(
         &self,

@@ -395,6 +395,49 @@ impl Storage {
         Ok(found)
     }
 
+    /// Replaces the first `old_header_len` bytes of the object `id` with `header` and keeps the
+    /// rest, for key rotation; returns the new size.
+    ///
+    /// The new object is written under a staging path outside the call layout,
+    /// `{practice}/rewrap/{call}/{artifact}`, and then renamed over the old one, so readers see
+    /// the old object or the new one, never a mix: an atomic rename on the local filesystem, a
+    /// copy then delete on S3. A staging object left by an interrupted run is replaced.
+    pub async fn replace_header(
+        &self,
+        id: &ObjectId,
+        header: Bytes,
+        old_header_len: u64,
+    ) -> Result<u64> {
+        let path = object_path(id);
+        let size = self.head(id).await?.ok_or_else(|| StorageError::NotFound {
+            path: path.to_string(),
+        })?;
+        let staging = Path::from_iter([
+            id.practice.as_str(),
+            "rewrap",
+            id.call.as_str(),
+            id.artifact.as_str(),
+        ]);
+        match self.inner.store.delete(&staging).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => return Err(classify(&staging, source)),
+        }
+
+        let mut upload = Upload::start(Arc::clone(&self.inner), staging.clone()).await?;
+        upload.write(header).await?;
+        let mut body = self.get_range_stream(id, old_header_len..size).await?;
+        while let Some(chunk) = body.next().await {
+            upload.write(chunk?).await?;
+        }
+        let new_size = upload.commit().await?;
+        self.inner
+            .store
+            .rename(&staging, &path)
+            .await
+            .map_err(|source| classify(&path, source))?;
+        Ok(new_size)
+    }
+
     /// Deletes the object `id`. Deleting an object that does not exist succeeds, as on S3, so a
     /// caller that must report a missing object calls [`Storage::head`] first.
     pub async fn delete(&self, id: &ObjectId) -> Result<()> {
