@@ -57,6 +57,12 @@ enum Command {
     /// Run the main job end to end on this machine: a gateway with throwaway certificates, key
     /// and token, a WAV recording uploaded over HTTPS, read back whole and by range.
     Demo(DemoArgs),
+    /// Measure HTTPS upload and download throughput, latency, and the server's CPU time and
+    /// peak memory, against a gateway it starts or a running one.
+    Bench(crate::bench::BenchArgs),
+    /// Verify or query the audit log; create its checkpoint signing key.
+    #[command(subcommand)]
+    Audit(crate::audit::cli::AuditCommand),
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +107,28 @@ enum KeysCommand {
     Rotate(PracticeArgs),
     /// List a practice's key versions.
     List(PracticeArgs),
+    /// Re-wrap every stored object's data key under another key, without re-encrypting bodies.
+    Rewrap(RewrapArgs),
+}
+
+#[derive(Debug, Args)]
+struct RewrapArgs {
+    /// The gateway's TOML configuration (storage, keys, the practice's current key).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Practice whose objects are re-wrapped.
+    #[arg(long, value_name = "ID")]
+    practice: PracticeId,
+    /// Target key: `local` (the practice's current local key version, after `keys rotate`) or
+    /// a KMS key ARN.
+    #[arg(long, value_name = "KEY")]
+    to: crate::rewrap::Target,
+    /// Count what would be re-wrapped without changing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Stop after re-wrapping this many objects; run again to continue.
+    #[arg(long, value_name = "COUNT")]
+    max_objects: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +288,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Serve(args) => serve(args),
         Command::Certs(CertsCommand::Dev(args)) => dev_certs(args),
+        Command::Audit(command) => crate::audit::cli::run(command),
+        Command::Bench(args) => crate::bench::run(args),
         Command::Demo(args) => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -311,6 +341,7 @@ fn keys(command: KeysCommand) -> Result<()> {
             let name = KeyDirectory::new(&args.keys.key_dir).rotate(&args.practice)?;
             println!("created key {name}; new objects are wrapped under it");
         }
+        KeysCommand::Rewrap(args) => rewrap(args)?,
         KeysCommand::List(args) => {
             let versions = KeyDirectory::new(&args.keys.key_dir).versions(&args.practice)?;
             if versions.is_empty() {
@@ -335,6 +366,42 @@ fn keys(command: KeysCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn rewrap(args: RewrapArgs) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let bar = ProgressBar::new(0);
+    if io::stderr().is_terminal() {
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} objects eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let report = runtime.block_on(crate::rewrap::run(
+        &config,
+        &args.practice,
+        &args.to,
+        args.dry_run,
+        args.max_objects,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    ))?;
+    bar.finish_and_clear();
+    let verb = if args.dry_run {
+        "would re-wrap"
+    } else {
+        "re-wrapped"
+    };
+    println!(
+        "{} objects of practice `{}`: {verb} {}, {} already on the target key",
+        report.objects, args.practice, report.rewrapped, report.already_on_target
+    );
     Ok(())
 }
 

@@ -27,6 +27,7 @@
 //! [[tokens]]
 //! name = "back-office"
 //! sha256_file = "secrets/back-office.sha256"   # or sha256 = "<64 hex digits>"
+//! role = "ingest"                  # ingest, reader, admin or auditor
 //! practices = ["clinic-1"]
 //! ```
 
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::Role;
 use crate::envelope::{DEFAULT_FRAME_LENGTH, MAX_FRAME_LENGTH};
 use crate::ids::PracticeId;
 use crate::tls::TlsSettings;
@@ -65,6 +67,8 @@ pub struct Config {
     pub media: MediaSettings,
     pub aws: AwsSettings,
     pub residency: ResidencySettings,
+    pub clients: Vec<Client>,
+    pub audit: AuditSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -364,10 +368,37 @@ impl Default for MediaSettings {
 /// A bearer token: only the SHA-256 of the token is configured, never the token.
 #[derive(Clone)]
 pub struct Token {
-    /// A label for logs and the audit trail; not secret.
+    /// A label for logs and the audit trail; not secret. Follows the id grammar.
     pub name: String,
     pub sha256: [u8; 32],
+    pub role: Role,
     pub practices: BTreeSet<PracticeId>,
+}
+
+/// A principal that authenticates with a TLS client certificate issued by `tls.client_ca`.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// A label for logs and the audit trail. Follows the id grammar.
+    pub name: String,
+    /// Matches the certificate's subject common name, if set.
+    pub subject_cn: Option<String>,
+    /// Matches one of the certificate's DNS subject alternative names, if set.
+    pub dns_name: Option<String>,
+    pub role: Role,
+    pub practices: BTreeSet<PracticeId>,
+}
+
+/// The audit log.
+///
+/// # Defaults
+///
+/// `directory` is `audit` and `signing_key` is `audit-signing.key`, both beside the
+/// configuration file. A missing signing key is generated at start-up (and logged); in
+/// production, create it with `callseal audit keygen` on storage the audit directory is not on.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub directory: PathBuf,
+    pub signing_key: PathBuf,
 }
 
 impl std::fmt::Debug for Token {
@@ -403,6 +434,10 @@ struct RawConfig {
     aws: AwsSettings,
     #[serde(default)]
     residency: ResidencySettings,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+    #[serde(default)]
+    audit: RawAudit,
 }
 
 #[derive(Deserialize)]
@@ -435,7 +470,25 @@ struct RawToken {
     name: String,
     sha256: Option<String>,
     sha256_file: Option<PathBuf>,
+    role: Role,
     practices: Vec<PracticeId>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    subject_cn: Option<String>,
+    dns_name: Option<String>,
+    role: Role,
+    practices: Vec<PracticeId>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    directory: Option<PathBuf>,
+    signing_key: Option<PathBuf>,
 }
 
 fn default_admin_address() -> SocketAddr {
@@ -514,6 +567,26 @@ impl Config {
             }
         }
 
+        let mut clients = Vec::new();
+        for (index, client) in raw.clients.into_iter().enumerate() {
+            clients.push(validate_client(index, client, &practice_ids)?);
+        }
+        if !clients.is_empty() && raw.tls.client_ca.is_none() {
+            return Err("key `clients`: client certificates need `tls.client_ca`".into());
+        }
+        let audit = AuditSettings {
+            directory: resolve(raw.audit.directory.as_deref().unwrap_or(Path::new("audit"))),
+            signing_key: resolve(
+                raw.audit
+                    .signing_key
+                    .as_deref()
+                    .unwrap_or(Path::new("audit-signing.key")),
+            ),
+        };
+        if audit.signing_key.starts_with(&audit.directory) {
+            return Err("key `audit.signing_key`: must be outside `audit.directory`, so that whoever can edit the log cannot re-sign it".into());
+        }
+
         let tls = TlsSettings {
             cert: resolve(&raw.tls.cert),
             key: resolve(&raw.tls.key),
@@ -541,6 +614,8 @@ impl Config {
             webhooks: raw.webhooks,
             aws: raw.aws,
             residency: raw.residency,
+            clients,
+            audit,
             media: MediaSettings {
                 extra_ca_file: raw.media.extra_ca_file.as_deref().map(resolve),
                 ..raw.media
@@ -787,6 +862,42 @@ fn check_media(media: &MediaSettings) -> Result<(), String> {
     Ok(())
 }
 
+fn validate_client(
+    index: usize,
+    client: RawClient,
+    practices: &BTreeSet<PracticeId>,
+) -> Result<Client, String> {
+    let key = format!("clients[{index}]");
+    crate::ids::validate("client name", &client.name)
+        .map_err(|error| format!("key `{key}.name`: {error}"))?;
+    if client.subject_cn.is_none() && client.dns_name.is_none() {
+        return Err(format!(
+            "key `{key}`: set `subject_cn` or `dns_name` to match certificates"
+        ));
+    }
+    if client.practices.is_empty() {
+        return Err(format!(
+            "key `{key}.practices`: a client needs at least one practice"
+        ));
+    }
+    if let Some(practice) = client
+        .practices
+        .iter()
+        .find(|practice| !practices.contains(*practice))
+    {
+        return Err(format!(
+            "key `{key}.practices`: practice `{practice}` is not configured in [[practices]]"
+        ));
+    }
+    Ok(Client {
+        name: client.name,
+        subject_cn: client.subject_cn,
+        dns_name: client.dns_name,
+        role: client.role,
+        practices: client.practices.into_iter().collect(),
+    })
+}
+
 fn validate_token(
     index: usize,
     token: RawToken,
@@ -830,9 +941,12 @@ fn validate_token(
             ));
         }
     }
+    crate::ids::validate("token name", &token.name)
+        .map_err(|error| format!("key `{key}.name`: {error}"))?;
     Ok(Token {
         name: token.name,
         sha256,
+        role: token.role,
         practices: token.practices.into_iter().collect(),
     })
 }
@@ -874,6 +988,7 @@ mod tests {
         [[tokens]]
         name = "back-office"
         sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        role = "reader"
         practices = ["clinic-1"]
     "#;
 

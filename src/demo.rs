@@ -75,7 +75,7 @@ pub async fn run(keep: Option<&Path>, input: Option<&Path>) -> Result<Summary> {
         Some(path) => fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
         None => generate_recording()?,
     };
-    let token = setup(&directory)?;
+    let tokens = setup(&directory)?;
     let config = Config::load(&directory.join("callseal.toml"))?;
     let running = server::start(config).await?;
     println!(
@@ -83,8 +83,8 @@ pub async fn run(keep: Option<&Path>, input: Option<&Path>) -> Result<Summary> {
         running.data_addr, running.admin_addr
     );
 
-    let result = match exercise(&directory, &running, &token, &recording).await {
-        Ok(summary) => webhook_flow(&directory, &running, &token, &recording)
+    let result = match exercise(&directory, &running, &tokens, &recording).await {
+        Ok(summary) => webhook_flow(&directory, &running, &tokens.reader, &recording)
             .await
             .map(|webhook| Summary {
                 webhook: Some(webhook),
@@ -139,8 +139,16 @@ fn prepare_empty_directory(directory: &Path) -> Result<()> {
     fs::create_dir_all(directory).with_context(|| format!("cannot create {}", directory.display()))
 }
 
-/// Writes certificates, the practice key, the token and the configuration; returns the token.
-fn setup(directory: &Path) -> Result<String> {
+/// The demo's two bearer tokens: each principal has one role.
+pub struct DemoTokens {
+    /// Role `reader`, kept in `token`.
+    pub reader: String,
+    /// Role `ingest`, kept in `ingest-token`.
+    pub ingest: String,
+}
+
+/// Writes certificates, the practice key, the tokens and the configuration; returns the tokens.
+fn setup(directory: &Path) -> Result<DemoTokens> {
     tls::write_dev_certs(&directory.join("certs"), false)?;
     println!("  wrote a development CA and a localhost certificate    certs/");
 
@@ -156,12 +164,22 @@ fn setup(directory: &Path) -> Result<String> {
     let token_hash = hex::encode(Sha256::digest(token.as_bytes()));
     getrandom::fill(&mut secret)
         .map_err(|_| anyhow::anyhow!("the operating system's random number generator failed"))?;
+    let ingest_token = hex::encode(secret);
+    write_private_file(
+        &directory.join("ingest-token"),
+        format!("{ingest_token}\n").as_bytes(),
+    )?;
+    let ingest_hash = hex::encode(Sha256::digest(ingest_token.as_bytes()));
+    getrandom::fill(&mut secret)
+        .map_err(|_| anyhow::anyhow!("the operating system's random number generator failed"))?;
     let retell_key = format!("key_demo_{}", hex::encode(secret));
     write_private_file(
         &directory.join("retell-api-key"),
         format!("{retell_key}\n").as_bytes(),
     )?;
-    println!("  created a bearer token (only its SHA-256 is configured)  token");
+    println!(
+        "  created reader and ingest bearer tokens (only SHA-256s are configured)  token, ingest-token"
+    );
     println!("  created a Retell API key that signs the demo's webhook   retell-api-key");
 
     let config = format!(
@@ -194,8 +212,15 @@ allow_loopback_for_tests = true
 extra_ca_file = "certs/ca.pem"
 
 [[tokens]]
-name = "demo"
+name = "demo-reader"
 sha256 = "{token_hash}"
+role = "reader"
+practices = ["{PRACTICE}"]
+
+[[tokens]]
+name = "demo-ingest"
+sha256 = "{ingest_hash}"
+role = "ingest"
 practices = ["{PRACTICE}"]
 "#,
         data = free_loopback_port()?,
@@ -203,14 +228,17 @@ practices = ["{PRACTICE}"]
     );
     write_private_file(&directory.join("callseal.toml"), config.as_bytes())?;
     println!("  wrote the configuration                                callseal.toml");
-    Ok(token)
+    Ok(DemoTokens {
+        reader: token,
+        ingest: ingest_token,
+    })
 }
 
 /// Uploads, reads back and inspects the recording against a running gateway.
 async fn exercise(
     directory: &Path,
     running: &server::Running,
-    token: &str,
+    tokens: &DemoTokens,
     recording: &[u8],
 ) -> Result<Summary> {
     let client = https_client(&directory.join("certs/ca.pem"))?;
@@ -218,12 +246,13 @@ async fn exercise(
         "https://localhost:{}/v1/practices/{PRACTICE}/calls/{CALL}/{ARTIFACT}",
         running.data_addr.port()
     );
-    let bearer = format!("Bearer {token}");
+    let bearer = format!("Bearer {}", tokens.reader);
+    let ingest_bearer = format!("Bearer {}", tokens.ingest);
 
     let started = Instant::now();
     let response = client
         .put(&url)
-        .header("authorization", &bearer)
+        .header("authorization", &ingest_bearer)
         .body(recording.to_vec())
         .send()
         .await
@@ -506,28 +535,37 @@ fn describe_stored(stored: &[u8], recording: &[u8]) -> Result<String> {
 
 /// Builds an HTTPS client that trusts only the demo's development CA.
 fn https_client(ca: &Path) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .tls_backend_preconfigured(client_tls_config(ca)?)
+        .build()?)
+}
+
+/// Builds a rustls client configuration with the *ring* provider that trusts only the CA
+/// certificates in the PEM file `ca` and offers ALPN `h2` and `http/1.1`.
+pub(crate) fn client_tls_config(ca: &Path) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca).context("cannot read the demo CA")? {
-        roots.add(certificate.context("invalid demo CA certificate")?)?;
+    let certificates = CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("cannot read the CA file {}", ca.display()))?;
+    for certificate in certificates {
+        roots.add(certificate.context("invalid CA certificate")?)?;
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(tls::crypto_provider()))
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(reqwest::Client::builder()
-        .no_proxy()
-        .tls_backend_preconfigured(config)
-        .build()?)
+    Ok(config)
 }
 
 /// Picks a free port on 127.0.0.1 for the configuration. Another process could take it before
 /// the gateway binds it; the gateway then fails to start with a clear error.
-fn free_loopback_port() -> Result<SocketAddr> {
+pub(crate) fn free_loopback_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
+/// Creates `path` with mode 0600 and writes `contents`; fails if it exists.
+pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -30,6 +30,9 @@ pub enum ApiError {
     WebhookAgentNotAllowed,
     #[error("the gateway is busy; retry later")]
     Busy,
+    /// An audit record could not be written, so the request was refused (fail closed).
+    #[error("the audit log is unavailable; retry later")]
+    AuditUnavailable,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -85,8 +88,32 @@ impl ApiError {
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::StorageUnavailable(_)
             | ApiError::Busy
+            | ApiError::AuditUnavailable
             | ApiError::KeyServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::KeyRefused(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// A short, fixed reason for the audit log's completion record.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated | ApiError::WebhookUnauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden | ApiError::WebhookAgentNotAllowed => "forbidden",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::AlreadyExists => "already_exists",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::StoredObjectInvalid => "stored_object_invalid",
+            ApiError::StoredObjectMisplaced => "stored_object_misplaced",
+            ApiError::StorageUnavailable(_) => "storage_unavailable",
+            ApiError::KeyUnavailable(_) | ApiError::KeyServiceUnavailable(_) => "key_unavailable",
+            ApiError::KeyRefused(_) => "key_refused",
+            ApiError::Busy => "busy",
+            ApiError::AuditUnavailable => "audit_unavailable",
+            ApiError::ClientBody(_) => "client_body",
+            ApiError::Internal(_) => "internal",
         }
     }
 
@@ -122,6 +149,7 @@ impl ApiError {
             }
             ApiError::StorageUnavailable(_)
             | ApiError::Busy
+            | ApiError::AuditUnavailable
             | ApiError::KeyServiceUnavailable(_) => {
                 headers.insert(
                     header::RETRY_AFTER,

@@ -12,6 +12,7 @@ mod error;
 mod idle;
 pub mod range;
 mod routes;
+mod trail;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::config::{Config, StorageSettings};
 use crate::ids::PracticeId;
@@ -44,7 +46,9 @@ use crate::tls::{self, CertResolver, CertWatcher};
 use crate::webhook::WebhookState;
 
 pub use error::ApiError;
+pub use routes::Connection;
 pub use routes::read_object;
+pub use trail::Trail;
 
 /// The response body type of every route: a full buffer or a stream that may fail midway.
 pub type ResponseBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -64,6 +68,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub webhooks: WebhookState,
+    pub audit: Arc<AuditLog>,
 }
 
 impl AppState {
@@ -81,7 +86,9 @@ impl AppState {
         };
         let keys = load_keyrings(&config, &metrics).await?;
         let key_directory = KeyDirectory::new(&config.keys.directory);
-        let auth = Authenticator::new(&config.tokens);
+        let auth = Authenticator::new(&config.tokens, &config.clients)
+            .context("invalid principal name")?;
+        let audit = Arc::new(open_audit_log(&config, &metrics)?);
         let webhooks =
             WebhookState::new(&config, &metrics).context("invalid media or forwarding settings")?;
         Ok(AppState {
@@ -92,8 +99,43 @@ impl AppState {
             auth,
             metrics,
             webhooks,
+            audit,
         })
     }
+}
+
+/// Opens the audit log, generating its signing key on first use.
+fn open_audit_log(config: &Config, metrics: &Arc<Metrics>) -> Result<AuditLog> {
+    let settings = &config.audit;
+    if !settings.signing_key.exists() {
+        if let Some(parent) = settings.signing_key.parent() {
+            create_private_directory(parent)?;
+        }
+        let public_key = crate::audit::generate_key(&settings.signing_key).with_context(|| {
+            format!(
+                "cannot create the audit signing key {}",
+                settings.signing_key.display()
+            )
+        })?;
+        let public_path = settings.signing_key.with_extension("pub");
+        std::fs::write(&public_path, format!("{}\n", hex::encode(public_key.as_bytes())))
+            .with_context(|| format!("cannot write {}", public_path.display()))?;
+        warn!(
+            key = %settings.signing_key.display(),
+            public_key = %public_path.display(),
+            "generated a new audit signing key; keep it away from the audit directory"
+        );
+    }
+    create_private_directory(&settings.directory)?;
+    let hook_metrics = Arc::clone(metrics);
+    let mut audit_settings = crate::audit::Settings::new(&settings.signing_key);
+    audit_settings.on_failure = Some(Arc::new(move || hook_metrics.record_audit_failure()));
+    AuditLog::open(&settings.directory, audit_settings).with_context(|| {
+        format!(
+            "cannot open the audit log in {}",
+            settings.directory.display()
+        )
+    })
 }
 
 /// Loads each practice's keyring: its local keys, or a client for its KMS key.
@@ -147,7 +189,7 @@ fn create_private_directory(path: &std::path::Path) -> Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .with_context(|| format!("cannot create the storage directory {}", path.display()))
+        .with_context(|| format!("cannot create the directory {}", path.display()))
 }
 
 /// A started gateway: its bound addresses, and the handle that stops it.
@@ -168,6 +210,9 @@ impl Running {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         while self.media_workers.join_next().await.is_some() {}
+        if let Err(error) = self.state.audit.close().await {
+            error!(%error, "closing the audit log failed");
+        }
         self.state.storage.wait_for_background_tasks().await;
         info!("gateway stopped");
     }
@@ -262,6 +307,11 @@ impl Readiness for GatewayReadiness {
                 .check()
                 .await
                 .map_err(|error| format!("storage: {error}"))?;
+            if self.state.audit.is_failed() {
+                return Err(
+                    "audit log: a write failed; requests are refused until it is reopened".into(),
+                );
+            }
             // Local key files must still load. KMS keys are not probed here: a KMS call per
             // probe would flood the practice's CloudTrail; KMS failures show in requests and
             // in `callseal_kms_failures_total`.
@@ -361,9 +411,23 @@ fn serve_connection(
                     return;
                 }
             };
-            let tls_version =
-                tls::protocol_version_name(tls_stream.get_ref().1).unwrap_or("unknown");
-            let connection = routes::Connection { peer, tls_version };
+            let session = tls_stream.get_ref().1;
+            let Some(tls_version) = session
+                .protocol_version()
+                .and_then(crate::audit::TlsVersion::from_rustls)
+            else {
+                return; // rustls negotiates only TLS 1.2 and 1.3
+            };
+            // The handshake verified any client certificate against `tls.client_ca`.
+            let certificate = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::auth::CertificateNames::from_der(leaf));
+            let connection = routes::Connection {
+                peer,
+                tls_version,
+                certificate,
+            };
 
             let activity = idle::Activity::new();
             let io = TokioIo::new(idle::Tracked::new(tls_stream, activity.clone()));

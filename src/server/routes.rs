@@ -25,8 +25,10 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::error::ApiError;
 use super::range::{self, RangeRequest};
+use super::trail::{StreamCompletion, Trail};
 use super::{AppState, ResponseBody, full_body};
-use crate::auth::{Action, Principal};
+use crate::audit::{Action, RequestId, TlsVersion};
+use crate::auth::{CertificateNames, Principal};
 use crate::envelope::{
     self, Decryptor, EncryptionContext, Encryptor, Layout, MAX_HEADER_LEN, ParsedHeader,
 };
@@ -44,13 +46,17 @@ const HEADER_PROBE_LEN: u64 = 4096;
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: std::net::SocketAddr,
-    pub tls_version: &'static str,
+    pub tls_version: TlsVersion,
+    /// Names of the verified client certificate, if the client sent one.
+    pub certificate: Option<CertificateNames>,
 }
 
 /// The route a request matched. Its name labels metrics and logs in place of the raw path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Object,
+    List,
+    Audit,
     Webhook,
     NotFound,
 }
@@ -59,6 +65,8 @@ impl Route {
     fn name(self) -> &'static str {
         match self {
             Route::Object => "object",
+            Route::List => "list",
+            Route::Audit => "audit",
             Route::Webhook => "webhook",
             Route::NotFound => "not_found",
         }
@@ -73,6 +81,8 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
     let started = Instant::now();
     let request_id = new_request_id();
+    let audit_request_id =
+        RequestId::new(request_id.clone()).expect("hex request ids follow the id grammar");
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let (route, object) = match_route(&path);
@@ -92,11 +102,30 @@ pub async fn handle(
                 if request.method() != Method::POST {
                     return Err(ApiError::MethodNotAllowed { allow: "POST" });
                 }
-                crate::webhook::handle_retell(&state, request, practice).await
+                crate::webhook::handle_retell(
+                    &state,
+                    &connection,
+                    &audit_request_id,
+                    request,
+                    practice,
+                )
+                .await
             }
             (Route::Object, Some(segments)) => {
-                object_route(&state, &connection, request, segments).await
+                object_route(&state, &connection, &audit_request_id, request, segments).await
             }
+            (Route::List, Some([practice, call, _])) => {
+                list_route(
+                    &state,
+                    &connection,
+                    &audit_request_id,
+                    request,
+                    practice,
+                    call,
+                )
+                .await
+            }
+            (Route::Audit, _) => audit_route(&state, &connection, &audit_request_id, request).await,
             _ => Err(ApiError::NotFound),
         }
     }
@@ -145,6 +174,9 @@ pub async fn handle(
 
 /// Splits `/v1/practices/{practice}/calls/{call}/{artifact}` into its three raw segments.
 fn match_route(path: &str) -> (Route, Option<[&str; 3]>) {
+    if path == "/v1/audit" {
+        return (Route::Audit, None);
+    }
     if let Some(practice) = path.strip_prefix("/v1/webhooks/retell/") {
         if practice.is_empty() || practice.contains('/') {
             return (Route::NotFound, None);
@@ -167,6 +199,9 @@ fn match_route(path: &str) -> (Route, Option<[&str; 3]>) {
         (Some(practice), Some("calls"), Some(call), Some(artifact), None) => {
             (Route::Object, Some([practice, call, artifact]))
         }
+        (Some(practice), Some("calls"), Some(call), None, None) => {
+            (Route::List, Some([practice, call, ""]))
+        }
         _ => (Route::NotFound, None),
     }
 }
@@ -174,15 +209,21 @@ fn match_route(path: &str) -> (Route, Option<[&str; 3]>) {
 async fn object_route(
     state: &AppState,
     connection: &Connection,
+    request_id: &RequestId,
     request: Request<Incoming>,
     [practice, call, artifact]: [&str; 3],
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    let principal = state.auth.authenticate(authorization)?.clone();
-
+    let action = match *request.method() {
+        Method::PUT => Action::ObjectPut,
+        Method::GET => Action::ObjectGet,
+        Method::HEAD => Action::ObjectHead,
+        Method::DELETE => Action::ObjectDelete,
+        _ => {
+            return Err(ApiError::MethodNotAllowed {
+                allow: "GET, HEAD, PUT, DELETE",
+            });
+        }
+    };
     let id = ObjectId::new(
         PracticeId::new(practice)?,
         CallId::new(call)?,
@@ -193,25 +234,327 @@ async fn object_route(
     span.record("call", id.call.as_str());
     span.record("artifact", id.artifact.as_str());
 
-    let action = match *request.method() {
-        Method::PUT => Action::Upload,
-        Method::GET | Method::HEAD => Action::Read,
-        _ => {
-            return Err(ApiError::MethodNotAllowed {
-                allow: "GET, HEAD, PUT",
-            });
-        }
-    };
-    state.auth.authorize(&principal, action, &id.practice)?;
-    tracing::debug!(principal = %principal.name, client = %connection.peer, tls = connection.tls_version, "authorized");
+    let mut trail = Trail::new(
+        Arc::clone(&state.audit),
+        request_id,
+        action,
+        id.practice.clone(),
+        Some(id.call.clone()),
+        Some(id.artifact.clone()),
+        connection.peer,
+        connection.tls_version,
+    );
+    let principal = authorize(
+        state,
+        connection,
+        request.headers(),
+        action,
+        &id.practice,
+        &mut trail,
+    )
+    .await?;
 
     match action {
-        Action::Upload => put_object(state, &principal, request, &id).await,
-        Action::Read => {
-            let head_only = request.method() == Method::HEAD;
-            get_object(state, request.headers(), &id, head_only).await
+        Action::ObjectPut => {
+            let result = put_object(state, &principal, request, &id).await;
+            complete(&trail, result).await
+        }
+        Action::ObjectDelete => {
+            let result = delete_object(state, &principal, &id).await;
+            complete(&trail, result).await
+        }
+        _ => {
+            get_object(
+                state,
+                request.headers(),
+                &id,
+                action == Action::ObjectHead,
+                trail,
+            )
+            .await
         }
     }
+}
+
+/// Authenticates and authorizes a request and writes the authorization record; a denial is
+/// recorded and returned as the error.
+async fn authorize(
+    state: &AppState,
+    connection: &Connection,
+    headers: &HeaderMap,
+    action: Action,
+    practice: &PracticeId,
+    trail: &mut Trail,
+) -> Result<Principal, ApiError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let decision = state
+        .auth
+        .authenticate(authorization, connection.certificate.as_ref())
+        .and_then(|principal| {
+            state
+                .auth
+                .authorize(principal, action, practice)
+                .map(|()| principal)
+        });
+    let principal = decision.clone().ok().cloned();
+    trail.authorize(decision).await?;
+    let principal = principal.ok_or(ApiError::Forbidden)?;
+    tracing::debug!(principal = %principal.name, role = principal.role.as_str(), client = %connection.peer, "authorized");
+    Ok(principal)
+}
+
+/// Writes the completion record of a response sent in one piece; `result` carries the plaintext
+/// bytes the request moved.
+async fn complete(
+    trail: &Trail,
+    result: Result<(Response<ResponseBody>, u64), ApiError>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    match result {
+        Ok((response, bytes)) => {
+            trail
+                .complete(response.status().as_u16(), bytes, None)
+                .await?;
+            Ok(response)
+        }
+        Err(error) => {
+            trail
+                .complete(error.status().as_u16(), 0, Some(&error))
+                .await?;
+            Err(error)
+        }
+    }
+}
+
+/// `DELETE`: removes an object (admin only).
+async fn delete_object(
+    state: &AppState,
+    principal: &Principal,
+    id: &ObjectId,
+) -> Result<(Response<ResponseBody>, u64), ApiError> {
+    if !state.storage.exists(id).await? {
+        return Err(ApiError::NotFound);
+    }
+    state.storage.delete(id).await?;
+    info!(principal = %principal.name, "object deleted");
+    let mut response = Response::new(full_body(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok((response, 0))
+}
+
+/// `GET /v1/practices/{practice}/calls/{call}`: the call's artifacts with their plaintext sizes.
+async fn list_route(
+    state: &AppState,
+    connection: &Connection,
+    request_id: &RequestId,
+    request: Request<Incoming>,
+    practice: &str,
+    call: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if request.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed { allow: "GET" });
+    }
+    let practice = PracticeId::new(practice)?;
+    let call = CallId::new(call)?;
+    tracing::Span::current().record("practice", practice.as_str());
+    let mut trail = Trail::new(
+        Arc::clone(&state.audit),
+        request_id,
+        Action::CallList,
+        practice.clone(),
+        Some(call.clone()),
+        None,
+        connection.peer,
+        connection.tls_version,
+    );
+    authorize(
+        state,
+        connection,
+        request.headers(),
+        Action::CallList,
+        &practice,
+        &mut trail,
+    )
+    .await?;
+    let result = list_call(state, &practice, &call).await;
+    complete(&trail, result).await
+}
+
+/// Lists a call's artifacts. The plaintext size of each is what its header and stored size
+/// imply; `HEAD` on the artifact authenticates it.
+async fn list_call(
+    state: &AppState,
+    practice: &PracticeId,
+    call: &CallId,
+) -> Result<(Response<ResponseBody>, u64), ApiError> {
+    let mut artifacts = Vec::new();
+    for (artifact, stored_bytes) in state.storage.list_call(practice, call).await? {
+        if artifact
+            .as_str()
+            .starts_with(crate::webhook::media::JOB_PREFIX)
+        {
+            continue;
+        }
+        let id = ObjectId::new(practice.clone(), call.clone(), artifact.clone());
+        let prefix = state
+            .storage
+            .get_range(&id, 0..stored_bytes.min(MAX_HEADER_LEN as u64))
+            .await?;
+        let plaintext_bytes = ParsedHeader::parse(&prefix)
+            .ok()
+            .flatten()
+            .and_then(|parsed| Layout::new(&parsed, stored_bytes).ok())
+            .map(|layout| layout.plaintext_len());
+        artifacts.push(serde_json::json!({
+            "artifact": artifact.as_str(),
+            "plaintext_bytes": plaintext_bytes,
+            "stored_bytes": stored_bytes,
+        }));
+    }
+    if artifacts.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    let body = serde_json::json!({ "practice": practice.as_str(), "call": call.as_str(), "artifacts": artifacts });
+    Ok((json_response(StatusCode::OK, &body), 0))
+}
+
+/// `GET /v1/audit?practice=P[&call=C][&principal=X][&since=T][&until=T][&limit=N]`: who
+/// accessed what, for the auditor role. Times are RFC 3339.
+async fn audit_route(
+    state: &AppState,
+    connection: &Connection,
+    request_id: &RequestId,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if request.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed { allow: "GET" });
+    }
+    let query = request.uri().query().unwrap_or("");
+
+    let mut parameters: Vec<(String, String)> = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        parameters.push((key.to_owned(), percent_decode(value)?));
+    }
+    let practice = parameters
+        .iter()
+        .find(|(key, _)| key == "practice")
+        .map(|(_, value)| PracticeId::new(value.as_str()))
+        .transpose()?
+        .ok_or_else(|| ApiError::BadRequest("missing query parameter `practice`".into()))?;
+    let mut trail = Trail::new(
+        Arc::clone(&state.audit),
+        request_id,
+        Action::AuditQuery,
+        practice.clone(),
+        None,
+        None,
+        connection.peer,
+        connection.tls_version,
+    );
+    authorize(
+        state,
+        connection,
+        request.headers(),
+        Action::AuditQuery,
+        &practice,
+        &mut trail,
+    )
+    .await?;
+
+    let result = async {
+        let mut built = crate::audit::Filter::practice(practice.clone());
+        built.limit = Some(10_000);
+        for (key, value) in &parameters {
+            match key.as_str() {
+                "practice" => {}
+                "call" => built.call = Some(CallId::new(value.as_str())?),
+                "principal" => {
+                    built.principal = Some(
+                        crate::audit::PrincipalName::new(value.as_str())
+                            .map_err(|error| ApiError::BadRequest(error.to_string()))?,
+                    )
+                }
+                "since" => built.since = Some(parse_time(value)?),
+                "until" => built.until = Some(parse_time(value)?),
+                "limit" => {
+                    built.limit = Some(
+                        value
+                            .parse()
+                            .map_err(|_| ApiError::BadRequest("invalid `limit`".into()))?,
+                    )
+                }
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown query parameter `{other}`"
+                    )));
+                }
+            }
+        }
+
+        let directory = state.audit.dir().to_owned();
+        let records = tokio::task::spawn_blocking(move || crate::audit::query(&directory, &built))
+            .await
+            .map_err(|error| ApiError::Internal(error.to_string()))?
+            .map_err(|error| ApiError::Internal(error.to_string()))?;
+        let body = serde_json::to_value(&records)
+            .map_err(|error| ApiError::Internal(error.to_string()))?;
+        Ok((json_response(StatusCode::OK, &body), 0))
+    }
+    .await;
+    complete(&trail, result).await
+}
+
+fn parse_time(value: &str) -> Result<time::OffsetDateTime, ApiError> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(
+        |_| {
+            ApiError::BadRequest(
+                "invalid time: expected RFC 3339, such as 2026-01-31T00:00:00Z".into(),
+            )
+        },
+    )
+}
+
+/// Decodes `%XX` escapes and `+` in a query value.
+fn percent_decode(value: &str) -> Result<String, ApiError> {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' => {
+                let hex = bytes
+                    .get(index + 1..index + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("invalid percent-encoding in the query".into())
+                    })?;
+                decoded.push(hex);
+                index += 3;
+            }
+            b'+' => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            byte => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).map_err(|_| ApiError::BadRequest("query is not UTF-8".into()))
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(full_body(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Streams a request body through the encryptor into a new object, committed only when the body
@@ -221,7 +564,7 @@ async fn put_object(
     principal: &Principal,
     request: Request<Incoming>,
     id: &ObjectId,
-) -> Result<Response<ResponseBody>, ApiError> {
+) -> Result<(Response<ResponseBody>, u64), ApiError> {
     let limit = state.config.limits.max_upload_bytes;
     if let Some(length) = content_length(request.headers())?
         && length > limit
@@ -270,13 +613,7 @@ async fn put_object(
     info!(principal = %principal.name, plaintext_bytes = received, stored_bytes = stored, "object stored");
 
     let body = serde_json::json!({ "plaintext_bytes": received, "stored_bytes": stored });
-    let mut response = Response::new(full_body(Bytes::from(body.to_string())));
-    *response.status_mut() = StatusCode::CREATED;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(response)
+    Ok((json_response(StatusCode::CREATED, &body), received))
 }
 
 /// An object whose header, context, data key and final frame have been verified.
@@ -363,12 +700,62 @@ pub async fn read_object(
     Ok(zeroize::Zeroizing::new(plaintext.to_vec()))
 }
 
+/// `GET` and `HEAD`: verifies the object, then answers whole or by range. A streamed body writes
+/// the completion record when it ends; every other outcome writes it here.
 async fn get_object(
     state: &AppState,
     headers: &HeaderMap,
     id: &ObjectId,
     head_only: bool,
+    mut trail: Trail,
 ) -> Result<Response<ResponseBody>, ApiError> {
+    let prepared = prepare_read(state, headers, id, head_only).await;
+    let (response, range, body) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            trail
+                .complete(error.status().as_u16(), 0, Some(&error))
+                .await?;
+            return Err(error);
+        }
+    };
+    trail.set_range(&range);
+    let status = response.status().as_u16();
+    let Some((decryptor, ciphertext)) = body else {
+        trail.complete(status, 0, None).await?;
+        return Ok(response);
+    };
+    let mut response = response;
+    *response.body_mut() = plaintext_body(
+        state,
+        decryptor,
+        ciphertext,
+        trail.stream_completion(status),
+    );
+    Ok(response)
+}
+
+/// The decryptor and ciphertext stream of a read that has a body.
+type ReadBody = (
+    Decryptor,
+    futures::stream::BoxStream<'static, crate::storage::Result<Bytes>>,
+);
+
+/// Verifies the object and plans the response: its headers, the plaintext range, and the
+/// decryptor and ciphertext stream when there is a body to send.
+async fn prepare_read(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &ObjectId,
+    head_only: bool,
+) -> Result<
+    (
+        Response<ResponseBody>,
+        std::ops::Range<u64>,
+        Option<ReadBody>,
+    ),
+    ApiError,
+> {
     let object = open_object(state, id).await?;
     let length = object.layout.plaintext_len();
 
@@ -396,29 +783,27 @@ async fn get_object(
         response_headers.insert(header::CONTENT_RANGE, header_value(&value)?);
     }
     if head_only || range.is_empty() {
-        return Ok(response);
+        return Ok((response, range, None));
     }
 
-    *response.body_mut() = stream_plaintext(state, object, range).await?;
-    Ok(response)
-}
-
-/// Streams the plaintext `range` of a verified object, decrypting only the frames that cover it.
-/// A frame that fails authentication ends the body with an error, so the client sees a broken
-/// transfer rather than a clean end.
-async fn stream_plaintext(
-    state: &AppState,
-    object: VerifiedObject,
-    range: std::ops::Range<u64>,
-) -> Result<ResponseBody, ApiError> {
-    let plan = object.layout.plan(range)?;
+    let plan = object.layout.plan(range.clone())?;
     let decryptor = Decryptor::for_range(&object.parsed, &object.data_key, &plan)?;
-    let id = object.id;
     let ciphertext = state
         .storage
-        .get_range_stream(&id, plan.ciphertext.clone())
+        .get_range_stream(&object.id, plan.ciphertext.clone())
         .await?;
+    Ok((response, range, Some((decryptor, ciphertext))))
+}
 
+/// Streams the plaintext of a planned read, decrypting only the frames that cover it. A frame
+/// that fails authentication ends the body with an error, so the client sees a broken transfer
+/// rather than a clean end. `completion` writes the audit record when the stream ends.
+fn plaintext_body(
+    state: &AppState,
+    decryptor: Decryptor,
+    ciphertext: futures::stream::BoxStream<'static, crate::storage::Result<Bytes>>,
+    completion: StreamCompletion,
+) -> ResponseBody {
     let metrics = Arc::clone(&state.metrics);
     let guard = metrics.stream_started();
     let span = tracing::Span::current();
@@ -427,6 +812,7 @@ async fn stream_plaintext(
         decryptor,
         out: BytesMut::new(),
         finished: false,
+        completion,
     };
     let frames = futures::stream::try_unfold(state, move |mut state| {
         let metrics = Arc::clone(&metrics);
@@ -439,6 +825,7 @@ async fn stream_plaintext(
             })?;
             Ok::<_, envelope::Error>(chunk.map(|chunk| {
                 metrics.add_bytes_sent("object", chunk.len() as u64);
+                state.completion.sent(chunk.len() as u64);
                 (Frame::data(chunk), state)
             }))
         }
@@ -449,7 +836,7 @@ async fn stream_plaintext(
         frame
     })
     .map_err(|error: envelope::Error| Box::new(error) as Box<dyn std::error::Error + Send + Sync>);
-    Ok(BodyExt::boxed_unsync(StreamBody::new(frames)))
+    BodyExt::boxed_unsync(StreamBody::new(frames))
 }
 
 /// The state of a streamed read: ciphertext chunks in, verified plaintext chunks out.
@@ -458,6 +845,7 @@ struct StreamState {
     decryptor: Decryptor,
     out: BytesMut,
     finished: bool,
+    completion: StreamCompletion,
 }
 
 impl StreamState {
@@ -474,6 +862,7 @@ impl StreamState {
                 None => {
                     self.decryptor.finish()?;
                     self.finished = true;
+                    self.completion.finish();
                 }
             }
             if !self.out.is_empty() {

@@ -217,6 +217,9 @@ impl Storage {
     /// two gateway replicas writing one path at the same moment could both succeed; the later
     /// completion then replaces the earlier object.
     pub fn open_s3(settings: &crate::config::S3Settings) -> Result<Self> {
+        // object_store's reqwest client (feature `rustls-no-provider`) panics at build time unless
+        // a process-wide rustls provider is installed; an earlier installation is kept.
+        let _ = crate::tls::crypto_provider().install_default();
         let mut builder = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(&settings.bucket)
             .with_region(&settings.region)

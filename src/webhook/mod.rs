@@ -39,11 +39,12 @@ use tokio::sync::{Semaphore, TryAcquireError};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
+use crate::audit::{Action, PrincipalName, RequestId, Role};
 use crate::config::{Config, MediaSettings, Practice};
 use crate::envelope::{EncryptionContext, Encryptor};
 use crate::ids::{ArtifactName, ObjectId, PracticeId};
 use crate::metrics::Metrics;
-use crate::server::{ApiError, AppState, ResponseBody, full_body};
+use crate::server::{ApiError, AppState, Connection, ResponseBody, Trail, full_body};
 use crate::storage::{Storage, StorageError};
 use event::{Event, parse_version_name, version_name};
 use signature::{BodyVerifier, Signature, SignatureError};
@@ -106,15 +107,92 @@ impl WebhookState {
 /// Handles one webhook delivery; `practice_segment` is the raw path segment.
 pub async fn handle_retell(
     state: &AppState,
+    connection: &Connection,
+    request_id: &RequestId,
     request: Request<Incoming>,
     practice_segment: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let practice = PracticeId::new(practice_segment)
-        .ok()
-        .and_then(|id| state.config.practice(&id))
+    // A practice id that is not even valid names nothing to audit.
+    let practice_id = PracticeId::new(practice_segment)
+        .map_err(|_| ApiError::WebhookUnauthenticated(SignatureError::Mismatch))?;
+    tracing::Span::current().record("practice", practice_id.as_str());
+    let mut trail = Trail::new(
+        Arc::clone(&state.audit),
+        request_id,
+        Action::WebhookReceive,
+        practice_id.clone(),
+        None,
+        None,
+        connection.peer,
+        connection.tls_version,
+    );
+
+    let verified = verify_delivery(state, &practice_id, request).await;
+    let (practice, body, event, timestamp_ms) = match verified {
+        Ok(verified) => verified,
+        Err(error) => {
+            trail.deny(error.reason()).await?;
+            return Err(error);
+        }
+    };
+    trail.set_call(event.call.clone());
+    let principal = PrincipalName::new(RETELL_PRINCIPAL).expect("a valid principal name");
+    trail.allow_as(principal, Some(Role::Ingest)).await?;
+
+    let stored = store_event(state, practice, &event, &body, timestamp_ms).await;
+    let stored = match stored {
+        Ok(stored) => stored,
+        Err(error) => {
+            trail
+                .complete(error.status().as_u16(), 0, Some(&error))
+                .await?;
+            return Err(error);
+        }
+    };
+    state
+        .metrics
+        .add_bytes_received("webhook", body.len() as u64);
+    match &stored {
+        Stored::Duplicate => {
+            info!(event = %event.kind, "duplicate webhook delivery; already stored")
+        }
+        Stored::New { artifacts } => {
+            info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
+            if let (Some(forwarder), Some(forward)) = (&state.webhooks.forwarder, &practice.forward)
+            {
+                let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
+                forwarder.send(
+                    forward.clone(),
+                    event.redacted(practice.id.as_str(), &paths),
+                );
+            }
+        }
+    }
+    trail
+        .complete(StatusCode::NO_CONTENT.as_u16(), body.len() as u64, None)
+        .await?;
+
+    let mut response = Response::new(full_body(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+/// The principal name webhook deliveries are audited under.
+pub const RETELL_PRINCIPAL: &str = "retell";
+
+/// Checks everything that authenticates a delivery: the practice, the signature header and its
+/// window, the body limits, the signature itself, the event's ids and its agent. Returns the
+/// practice, the verified body, the parsed event and the signature timestamp.
+async fn verify_delivery<'a>(
+    state: &'a AppState,
+    practice_id: &PracticeId,
+    request: Request<Incoming>,
+) -> Result<(&'a Practice, Zeroizing<Vec<u8>>, Event, u64), ApiError> {
+    let practice = state
+        .config
+        .practice(practice_id)
         .filter(|practice| !practice.retell_keys.is_empty())
         .ok_or(ApiError::WebhookUnauthenticated(SignatureError::Mismatch))?;
-    tracing::Span::current().record("practice", practice.id.as_str());
 
     let header = request
         .headers()
@@ -130,9 +208,14 @@ pub async fn handle_retell(
         return Err(ApiError::TooLarge { limit });
     }
 
-    let webhooks = &state.webhooks;
-    let body =
-        read_verified_body(request.into_body(), practice, &signature, limit, webhooks).await?;
+    let body = read_verified_body(
+        request.into_body(),
+        practice,
+        &signature,
+        limit,
+        &state.webhooks,
+    )
+    .await?;
     let event = Event::parse(&body).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     tracing::Span::current().record("call", event.call.as_str());
 
@@ -145,30 +228,7 @@ pub async fn handle_retell(
             return Err(ApiError::WebhookAgentNotAllowed);
         }
     }
-
-    let stored = store_event(state, practice, &event, &body, signature.timestamp_ms).await?;
-    state
-        .metrics
-        .add_bytes_received("webhook", body.len() as u64);
-    match &stored {
-        Stored::Duplicate => {
-            info!(event = %event.kind, "duplicate webhook delivery; already stored")
-        }
-        Stored::New { artifacts } => {
-            info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
-            if let (Some(forwarder), Some(forward)) = (&webhooks.forwarder, &practice.forward) {
-                let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
-                forwarder.send(
-                    forward.clone(),
-                    event.redacted(practice.id.as_str(), &paths),
-                );
-            }
-        }
-    }
-
-    let mut response = Response::new(full_body(Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    Ok(response)
+    Ok((practice, body, event, signature.timestamp_ms))
 }
 
 /// Reads the whole body into memory while it runs through the HMACs, within the body limit and

@@ -204,11 +204,13 @@ directory = "keys"
 {practices}[[tokens]]
 name = "{PRACTICE}-back-office"
 sha256 = "{token_hash}"
+role = "reader"
 practices = ["{PRACTICE}"]
 
 [[tokens]]
 name = "{OTHER_PRACTICE}-back-office"
 sha256 = "{other_token_hash}"
+role = "reader"
 practices = ["{OTHER_PRACTICE}"]
 "#,
             token_hash = hex::encode(Sha256::digest(files.token.as_bytes())),
