@@ -13,6 +13,7 @@
 //! ([`crate::storage::MAX_UPLOAD_BUFFER`]). A read holds one storage chunk
 //! ([`crate::storage::READ_CHUNK_SIZE`]), one partial frame (F + 40) and the plaintext of one chunk.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -289,15 +290,19 @@ async fn authorize(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    let decision = state
+    let authenticated = state
         .auth
-        .authenticate(authorization, connection.certificate.as_ref())
-        .and_then(|principal| {
-            state
-                .auth
-                .authorize(principal, action, practice)
-                .map(|()| principal)
-        });
+        .authenticate(authorization, connection.certificate.as_ref());
+    // A 403 record names the principal that was refused; only a 401 record has none.
+    if let Ok(principal) = authenticated {
+        trail.identify(principal);
+    }
+    let decision = authenticated.and_then(|principal| {
+        state
+            .auth
+            .authorize(principal, action, practice)
+            .map(|()| principal)
+    });
     let principal = decision.clone().ok().cloned();
     trail.authorize(decision).await?;
     let principal = principal.ok_or(ApiError::Forbidden)?;
@@ -808,7 +813,7 @@ fn plaintext_body(
     let guard = metrics.stream_started();
     let span = tracing::Span::current();
     let state = StreamState {
-        ciphertext,
+        ciphertext: ciphertext.peekable(),
         decryptor,
         out: BytesMut::new(),
         finished: false,
@@ -841,7 +846,9 @@ fn plaintext_body(
 
 /// The state of a streamed read: ciphertext chunks in, verified plaintext chunks out.
 struct StreamState {
-    ciphertext: futures::stream::BoxStream<'static, crate::storage::Result<Bytes>>,
+    ciphertext: futures::stream::Peekable<
+        futures::stream::BoxStream<'static, crate::storage::Result<Bytes>>,
+    >,
     decryptor: Decryptor,
     out: BytesMut,
     finished: bool,
@@ -854,7 +861,16 @@ impl StreamState {
     async fn next_plaintext(&mut self) -> Result<Option<Bytes>, envelope::Error> {
         while !self.finished {
             match self.ciphertext.next().await {
-                Some(Ok(chunk)) => self.decryptor.update(&chunk, &mut self.out)?,
+                Some(Ok(chunk)) => {
+                    self.decryptor.update(&chunk, &mut self.out)?;
+                    // hyper stops polling a body once Content-Length bytes are written, so the
+                    // verified end is detected before the last plaintext is handed over.
+                    if Pin::new(&mut self.ciphertext).peek().await.is_none() {
+                        self.decryptor.finish()?;
+                        self.finished = true;
+                        self.completion.finish();
+                    }
+                }
                 Some(Err(error)) => {
                     warn!(error = %error, "storage read failed midway");
                     return Err(envelope::Error::Truncated);

@@ -52,6 +52,12 @@ impl Trail {
         Trail { log, access }
     }
 
+    /// Sets the authenticated principal, so that a denial of its request names it.
+    pub fn identify(&mut self, principal: &Principal) {
+        self.access.principal = Some(principal.name.clone());
+        self.access.role = Some(principal.role);
+    }
+
     /// Records the authorization decision. A denial is recorded and then returned as the
     /// request's error.
     pub async fn authorize(

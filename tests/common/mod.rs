@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: local key files and the ESDK oracle.
+//! Helpers shared by the integration tests: local key files, the ESDK oracle, (in [`gateway`]) a
+//! gateway under test with its HTTPS clients, and (in [`retell`]) signed Retell webhook deliveries.
 //!
 //! The oracle is `tests/oracle/esdk_oracle.py`, which encrypts and decrypts with AWS's Python
 //! Encryption SDK (suite 0x0478, framed, Raw AES keys in the `callseal` namespace). It runs under
@@ -6,6 +7,11 @@
 //! a temporary directory, never pipes, so multi-MiB messages cannot deadlock on a full pipe.
 
 #![allow(dead_code)]
+
+pub mod access;
+pub mod aws;
+pub mod gateway;
+pub mod retell;
 
 use std::fs;
 use std::io::Write;
