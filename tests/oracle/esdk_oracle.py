@@ -6,6 +6,11 @@ framed, with data keys wrapped in the Raw AES keyring layout: the provider id is
 (`callseal` unless --namespace sets another), the provider info starts with the key name, and the
 wrapping key is 32 raw bytes read from a key file.
 
+With --kms-key-arn instead of key files, data keys are wrapped by AWS KMS keys through the SDK's
+StrictAwsKmsMasterKeyProvider (provider id `aws-kms`, provider info the key ARN), which calls
+GenerateDataKey and Decrypt with the message's encryption context. --kms-endpoint-url points those
+calls at a KMS emulator. Credentials and other settings come from botocore's usual sources.
+
 The SDK's older RawMasterKeyProvider writes and reads the same bytes as its Raw AES keyring, which
 would need the optional MPL package. Its defaults (suite 0x0578, frame length 4096) differ from
 callseal's, so the suite is fixed here and the frame length is a required option. Decryption
@@ -103,6 +108,32 @@ def build_key_provider(namespace, key_files, key_names):
     for name_bytes in wrapping_keys:
         provider.add_master_key(name_bytes)
     return provider
+
+
+def build_kms_key_provider(key_arns, endpoint_url):
+    """Build a strict AWS KMS master key provider for the given key ARNs.
+
+    On encrypt, the first key generates the data key and every key adds an EDK. On decrypt, only
+    EDKs of the listed keys are sent to KMS.
+    """
+    if len(set(key_arns)) != len(key_arns):
+        raise OracleError("duplicate --kms-key-arn")
+    if endpoint_url is not None:
+        # botocore 1.31 and later read a service's endpoint from AWS_ENDPOINT_URL_{SERVICE}, and
+        # the provider creates its KMS clients from a default botocore session.
+        os.environ["AWS_ENDPOINT_URL_KMS"] = endpoint_url
+    return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=list(key_arns))
+
+
+def build_provider(args):
+    """Build the key provider that the options name: Raw AES key files or AWS KMS keys."""
+    if args.kms_key_arn:
+        if args.key_file or args.key_name:
+            raise OracleError("use either --key-file/--key-name or --kms-key-arn, not both")
+        return build_kms_key_provider(args.kms_key_arn, args.kms_endpoint_url)
+    if args.kms_endpoint_url is not None:
+        raise OracleError("--kms-endpoint-url needs --kms-key-arn")
+    return build_key_provider(args.namespace, args.key_file, args.key_name)
 
 
 def parse_context(pairs):
@@ -208,7 +239,7 @@ def new_client():
 
 
 def run_encrypt(args):
-    provider = build_key_provider(args.namespace, args.key_file, args.key_name)
+    provider = build_provider(args)
     context = parse_context(args.context)
     if args.frame_length <= 0:
         raise OracleError(f"invalid --frame-length {args.frame_length}: must be positive (framed content)")
@@ -226,7 +257,7 @@ def run_encrypt(args):
 
 
 def run_decrypt(args):
-    provider = build_key_provider(args.namespace, args.key_file, args.key_name)
+    provider = build_provider(args)
 
     with open_streams(args.input, args.output) as (source, sink):
         # "decrypt-unsigned" rejects suites with a signature, which callseal never writes.
@@ -261,6 +292,18 @@ def add_key_options(parser):
         help="Raw AES key name of the preceding --key-file, such as clinic-1/v1",
     )
     parser.add_argument(
+        "--kms-key-arn",
+        action="append",
+        default=[],
+        metavar="ARN",
+        help="AWS KMS key ARN that wraps or unwraps data keys, in place of key files; repeat for several keys",
+    )
+    parser.add_argument(
+        "--kms-endpoint-url",
+        metavar="URL",
+        help="KMS endpoint to call instead of AWS's regional endpoint, such as a local emulator",
+    )
+    parser.add_argument(
         "--namespace",
         default=DEFAULT_NAMESPACE,
         help=f"Raw AES key namespace, stored as the EDK provider id (default: {DEFAULT_NAMESPACE})",
@@ -272,7 +315,7 @@ def add_key_options(parser):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="esdk_oracle.py",
-        description="Encrypt or decrypt ESDK messages (suite 0x0478, Raw AES keys) with aws-encryption-sdk.",
+        description="Encrypt or decrypt ESDK messages (suite 0x0478, Raw AES or AWS KMS keys) with aws-encryption-sdk.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
