@@ -118,8 +118,11 @@ fn open_audit_log(config: &Config, metrics: &Arc<Metrics>) -> Result<AuditLog> {
             )
         })?;
         let public_path = settings.signing_key.with_extension("pub");
-        std::fs::write(&public_path, format!("{}\n", hex::encode(public_key.as_bytes())))
-            .with_context(|| format!("cannot write {}", public_path.display()))?;
+        std::fs::write(
+            &public_path,
+            format!("{}\n", hex::encode(public_key.as_bytes())),
+        )
+        .with_context(|| format!("cannot write {}", public_path.display()))?;
         warn!(
             key = %settings.signing_key.display(),
             public_key = %public_path.display(),
