@@ -435,9 +435,24 @@ fn serve_connection(
             let activity = idle::Activity::new();
             let io = TokioIo::new(idle::Tracked::new(tls_stream, activity.clone()));
             let service_state = Arc::clone(&state);
+            let first_request = Arc::new(tokio::sync::Notify::new());
+            let request_seen = Arc::clone(&first_request);
             let service = service_fn(move |request| {
+                request_seen.notify_one();
                 routes::handle(Arc::clone(&service_state), connection.clone(), request)
             });
+            // hyper's header-read timeout covers HTTP/1.1 request heads only, so every connection
+            // also gets a deadline for its first complete request: an h2 client that trickles
+            // its preface or HEADERS is closed like a slow HTTP/1.1 client.
+            let first_request_deadline = async {
+                if tokio::time::timeout(limits.header_read_timeout(), first_request.notified())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                std::future::pending::<()>().await;
+            };
 
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
@@ -461,6 +476,10 @@ fn serve_connection(
                 () = activity.idle_for(limits.idle_timeout()) => {
                     debug!("closing idle connection");
                     state.metrics.record_connection_rejected("idle");
+                }
+                () = first_request_deadline => {
+                    debug!("closing a connection that sent no complete request in time");
+                    state.metrics.record_connection_rejected("timeout");
                 }
             }
         })
