@@ -11,6 +11,7 @@
 pub mod access;
 pub mod aws;
 pub mod gateway;
+pub mod media;
 pub mod retell;
 
 use std::fs;
