@@ -548,10 +548,11 @@ impl Config {
         check_residency(&practices, &raw.storage, &raw.residency)?;
         check_media(&raw.media)?;
         if raw.webhooks.max_unverified_bytes < raw.webhooks.max_body_bytes {
-            return Err(format!(
-                "key `webhooks.max_unverified_bytes`: {} is below `webhooks.max_body_bytes` ({}), so the largest bodies could never be accepted",
-                raw.webhooks.max_unverified_bytes, raw.webhooks.max_body_bytes
-            ));
+            tracing::warn!(
+                max_unverified_bytes = raw.webhooks.max_unverified_bytes,
+                max_body_bytes = raw.webhooks.max_body_bytes,
+                "webhooks.max_unverified_bytes is below webhooks.max_body_bytes: bodies larger than the budget always get 503"
+            );
         }
 
         let mut tokens = Vec::new();

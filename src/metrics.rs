@@ -340,7 +340,9 @@ mod tests {
             samples,
             [
                 "callseal_authentication_failures_total 0",
-                "callseal_active_streams 0"
+                "callseal_active_streams 0",
+                "callseal_kms_failures_total 0",
+                "callseal_audit_write_failures_total 0"
             ]
         );
     }

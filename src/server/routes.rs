@@ -927,11 +927,21 @@ mod tests {
     }
 
     #[test]
+    fn call_and_audit_paths_match() {
+        assert_eq!(
+            match_route("/v1/practices/p1/calls/c1"),
+            (Route::List, Some(["p1", "c1", ""]))
+        );
+        assert_eq!(match_route("/v1/audit").0, Route::Audit);
+        assert_eq!(match_route("/v1/webhooks/retell/p1").0, Route::Webhook);
+    }
+
+    #[test]
     fn other_paths_do_not_match() {
         for path in [
             "/",
             "/v1/practices/p1",
-            "/v1/practices/p1/calls/c1",
+            "/v1/practices/p1/calls",
             "/v1/practices/p1/calls/c1/a/extra",
             "/v1/practices/p1/other/c1/a",
             "/v2/practices/p1/calls/c1/a",
