@@ -155,7 +155,7 @@ async fn get_ok(client: &Client, token: &str, url: &str, plaintext: &[u8]) {
 }
 
 /// Asserts a JSON error reply with `status` and `message`, and no `Retry-After`.
-fn assert_refused(reply: &Reply, status: StatusCode, message: &str) {
+fn assert_rejected(reply: &Reply, status: StatusCode, message: &str) {
     assert_eq!(reply.status, status, "{}: {:?}", reply.request, reply.body);
     assert_eq!(reply.error_message(), message, "{}", reply.request);
     assert_eq!(
@@ -497,7 +497,7 @@ async fn kms_data_key_is_bound_to_encryption_context() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copied_s3_object_is_refused() {
+async fn copied_s3_object_is_rejected() {
     const CANARY: &[u8] = b"PHI-CANARY: patient Jane Roe, DOB 1970-01-01, callback 555-0100";
 
     let moto = Moto::connect().await;
@@ -557,7 +557,7 @@ async fn copied_s3_object_is_refused() {
     assert_eq!(
         setup.gateway.kms_calls("Decrypt"),
         decrypts_before,
-        "the context check refuses a copy before any KMS call"
+        "the context check rejects a copy before any KMS call"
     );
 
     get_ok(&client, reader, &url, CANARY).await;
@@ -721,7 +721,7 @@ async fn kms_unreachable_fails_writes_and_uncached_reads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kms_key_refusals_answer_403() {
+async fn kms_key_rejections_return_403() {
     let moto = Moto::connect().await;
     let proxy = FaultProxy::start(moto.addr).await;
     let setup = S3Setup::start(&moto, Some(proxy.url()), None, Some(FAULT_MAX_ATTEMPTS)).await;
@@ -745,7 +745,7 @@ async fn kms_key_refusals_answer_403() {
     for (case, fault, message) in cases {
         let cached = object_url(PRACTICE, &format!("{case}-cached"), ARTIFACT);
         let uncached = object_url(PRACTICE, &format!("{case}-uncached"), ARTIFACT);
-        let refused = object_url(PRACTICE, &format!("{case}-refused"), ARTIFACT);
+        let rejected_url = object_url(PRACTICE, &format!("{case}-rejected"), ARTIFACT);
         put_ok(&client, ingest, &cached, case.as_bytes()).await;
         put_ok(&client, ingest, &uncached, case.as_bytes()).await;
         get_ok(&client, reader, &cached, case.as_bytes()).await;
@@ -753,38 +753,38 @@ async fn kms_key_refusals_answer_403() {
         proxy.set_fault(fault);
         let generate_before = proxy.kms_requests("GenerateDataKey");
         let put = client
-            .put(&refused, ingest, full_body(case.as_bytes()))
+            .put(&rejected_url, ingest, full_body(case.as_bytes()))
             .await;
-        assert_refused(&put, StatusCode::FORBIDDEN, message);
+        assert_rejected(&put, StatusCode::FORBIDDEN, message);
         assert_eq!(
             proxy.kms_requests("GenerateDataKey") - generate_before,
             1,
-            "{case}: a refusal is not retried"
+            "{case}: a rejection is not retried"
         );
         let body = String::from_utf8_lossy(put.bytes()).into_owned();
         assert!(
             !body.contains(&setup.key_arn),
             "{case}: the reply names the key ARN: {body}"
         );
-        let missing = client.head(&refused, reader).await;
+        let missing = client.head(&rejected_url, reader).await;
         assert_eq!(
             missing.status,
             StatusCode::NOT_FOUND,
             "{case}: stored anyway"
         );
         let read = client.get(&uncached, reader, None).await;
-        assert_refused(&read, StatusCode::FORBIDDEN, message);
-        // KMS's refusal flushed the practice's cached data keys.
+        assert_rejected(&read, StatusCode::FORBIDDEN, message);
+        // KMS's rejection flushed the practice's cached data keys.
         let read_cached = client.get(&cached, reader, None).await;
-        assert_refused(&read_cached, StatusCode::FORBIDDEN, message);
+        assert_rejected(&read_cached, StatusCode::FORBIDDEN, message);
 
         proxy.set_fault(KmsFault::PassThrough);
-        put_ok(&client, ingest, &refused, case.as_bytes()).await;
+        put_ok(&client, ingest, &rejected_url, case.as_bytes()).await;
         get_ok(&client, reader, &uncached, case.as_bytes()).await;
         get_ok(&client, reader, &cached, case.as_bytes()).await;
     }
 
-    // A refusal flushes the cached data keys of the refused practice only.
+    // A rejection flushes the cached data keys of the rejected practice only.
     let other = object_url(OTHER_PRACTICE, "call-1", ARTIFACT);
     let other_reader = setup.reader(OTHER_PRACTICE);
     put_ok(
@@ -798,12 +798,12 @@ async fn kms_key_refusals_answer_403() {
     proxy.set_fault(KmsFault::disabled());
     let late = object_url(PRACTICE, "late", ARTIFACT);
     let put = client.put(&late, ingest, full_body(&b"late"[..])).await;
-    assert_refused(&put, StatusCode::FORBIDDEN, KEY_DISABLED);
+    assert_rejected(&put, StatusCode::FORBIDDEN, KEY_DISABLED);
     get_ok(&client, other_reader, &other, b"other practice").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kms_throttling_and_server_errors_answer_503() {
+async fn kms_throttling_and_server_errors_return_503() {
     let moto = Moto::connect().await;
     let proxy = FaultProxy::start(moto.addr).await;
     let setup = S3Setup::start(&moto, Some(proxy.url()), None, Some(FAULT_MAX_ATTEMPTS)).await;
@@ -817,13 +817,13 @@ async fn kms_throttling_and_server_errors_answer_503() {
 
     for (case, fault) in cases {
         let stored = object_url(PRACTICE, &format!("{case}-stored"), ARTIFACT);
-        let refused = object_url(PRACTICE, &format!("{case}-refused"), ARTIFACT);
+        let rejected_url = object_url(PRACTICE, &format!("{case}-rejected"), ARTIFACT);
         put_ok(&client, ingest, &stored, case.as_bytes()).await;
 
         proxy.set_fault(fault);
         let generate_before = proxy.kms_requests("GenerateDataKey");
         let put = client
-            .put(&refused, ingest, full_body(case.as_bytes()))
+            .put(&rejected_url, ingest, full_body(case.as_bytes()))
             .await;
         assert_key_service_unavailable(&put);
         assert_eq!(
@@ -841,7 +841,7 @@ async fn kms_throttling_and_server_errors_answer_503() {
         );
 
         proxy.set_fault(KmsFault::PassThrough);
-        put_ok(&client, ingest, &refused, case.as_bytes()).await;
+        put_ok(&client, ingest, &rejected_url, case.as_bytes()).await;
         get_ok(&client, reader, &stored, case.as_bytes()).await;
     }
 }

@@ -16,9 +16,10 @@
 //!   path committed first, because the commits of one path are serialized and each checks for an
 //!   existing object before it completes. Commits from several processes to one path can still
 //!   race, as the NOTE at `commit_in_background` in `upload.rs` explains.
-//! - **Bounded memory.** An upload buffers at most [`MAX_UPLOAD_BUFFER`] bytes of data at a time,
-//!   whatever the chunk sizes and the object size. A streamed read holds one chunk of at most
-//!   [`READ_CHUNK_SIZE`] bytes on the local filesystem.
+//! - **Bounded memory.** An upload buffers at most [`Storage::max_upload_buffer`] bytes of data at
+//!   a time, whatever the chunk sizes and the object size: [`LOCAL_MAX_UPLOAD_BUFFER`] (768 KiB)
+//!   on the local filesystem and in memory, [`MAX_UPLOAD_BUFFER`] (15 MiB) on S3. A streamed read
+//!   holds one chunk of at most [`READ_CHUNK_SIZE`] bytes on the local filesystem.
 //! - **Crash cleanup.** [`Storage::open_local`] removes the temporary files that a crashed
 //!   process left behind (only names of the form above, only inside the object layout).
 //!
@@ -54,22 +55,34 @@ use crate::ids::{ArtifactName, CallId, ObjectId, PracticeId};
 
 pub use upload::Upload;
 
-/// Size in bytes of each multipart part that an [`Upload`] writes, except the last part, which
-/// may be shorter.
+/// Size in bytes of each multipart part that an [`Upload`] to S3 writes, except the last part,
+/// which may be shorter. It is also the largest part size of any backend.
 ///
 /// 5 MiB is the smallest part size that S3 accepts, and S3 allows at most 10,000 parts (AWS S3
 /// user guide, "Amazon S3 multipart upload limits"), so objects can reach about 48.8 GiB.
 pub const PART_SIZE: usize = 5 * 1024 * 1024;
 
+/// Size in bytes of each part that an [`Upload`] to the local filesystem or to memory writes,
+/// except the last part.
+///
+/// These backends have no minimum part size, and every upload holds its parts in memory until
+/// they are written, so small parts keep many concurrent uploads cheap: 256 uploads buffer at most
+/// 192 MiB. On the local filesystem each part is one positioned write to the staged file.
+pub const LOCAL_PART_SIZE: usize = 256 * 1024;
+
 /// Maximum number of parts of one [`Upload`] that are being written to the backend at once.
 pub const MAX_PARTS_IN_FLIGHT: usize = 2;
 
-/// Maximum bytes of object data that one [`Upload`] buffers in memory: the parts in flight plus
-/// the part being filled.
+/// Maximum bytes of object data that one [`Upload`] to S3 buffers in memory: the parts in flight
+/// plus the part being filled. No backend buffers more.
 ///
 /// Chunks are buffered without copying, so a chunk that is a slice of a larger buffer keeps that
 /// whole buffer alive until its part is written.
 pub const MAX_UPLOAD_BUFFER: usize = (MAX_PARTS_IN_FLIGHT + 1) * PART_SIZE;
+
+/// Maximum bytes of object data that one [`Upload`] to the local filesystem or to memory buffers,
+/// counted as for [`MAX_UPLOAD_BUFFER`].
+pub const LOCAL_MAX_UPLOAD_BUFFER: usize = (MAX_PARTS_IN_FLIGHT + 1) * LOCAL_PART_SIZE;
 
 /// Maximum size in bytes of one chunk that [`Storage::get_range_stream`] reads from a local file.
 ///
@@ -141,6 +154,16 @@ enum Backend {
     Local { root: PathBuf },
     Memory,
     S3 { bucket: String },
+}
+
+impl Backend {
+    /// The size of every part of an upload but the last: S3's minimum on S3, smaller elsewhere.
+    fn part_size(&self) -> usize {
+        match self {
+            Backend::Local { .. } | Backend::Memory => LOCAL_PART_SIZE,
+            Backend::S3 { .. } => PART_SIZE,
+        }
+    }
 }
 
 /// Counts the tasks that run on after their caller returned: spawned aborts of dropped uploads
@@ -279,6 +302,11 @@ impl Storage {
     /// body, and the commit rejects an existing object in any case.
     pub async fn start_upload(&self, id: &ObjectId) -> Result<Upload> {
         Upload::start(Arc::clone(&self.inner), object_path(id)).await
+    }
+
+    /// Returns the most bytes of object data that one [`Upload`] to this store buffers in memory.
+    pub fn max_upload_buffer(&self) -> usize {
+        (MAX_PARTS_IN_FLIGHT + 1) * self.inner.backend.part_size()
     }
 
     /// Returns the stored size of the object `id` in bytes, or `None` if it does not exist.

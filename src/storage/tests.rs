@@ -149,6 +149,15 @@ impl MultipartUpload for RecordingUpload {
 }
 
 fn recording_storage(parts: PartBehavior, fail_complete: bool) -> (Storage, Arc<Mutex<UploadLog>>) {
+    recording_storage_on(Backend::Memory, parts, fail_complete)
+}
+
+/// A recording store that part sizes and bounds treat as `backend`.
+fn recording_storage_on(
+    backend: Backend,
+    parts: PartBehavior,
+    fail_complete: bool,
+) -> (Storage, Arc<Mutex<UploadLog>>) {
     let log = Arc::new(Mutex::new(UploadLog::default()));
     let store = RecordingStore {
         inner: InMemory::new(),
@@ -156,7 +165,7 @@ fn recording_storage(parts: PartBehavior, fail_complete: bool) -> (Storage, Arc<
         fail_complete,
         log: Arc::clone(&log),
     };
-    let storage = Storage::from_store(Arc::new(store), Backend::Memory, memory_namespace());
+    let storage = Storage::from_store(Arc::new(store), backend, memory_namespace());
     (storage, log)
 }
 
@@ -226,7 +235,13 @@ async fn upload_writes_fixed_size_parts() {
     let mut upload = storage.start_upload(&id).await.unwrap();
     let mut expected = Vec::new();
     // One chunk larger than a part, then small odd chunks across a part boundary.
-    let sizes = [PART_SIZE + PART_SIZE / 2, 1, 65_537, PART_SIZE / 2, 123];
+    let sizes = [
+        LOCAL_PART_SIZE + LOCAL_PART_SIZE / 2,
+        1,
+        65_537,
+        LOCAL_PART_SIZE / 2,
+        123,
+    ];
     for (index, size) in sizes.into_iter().enumerate() {
         let chunk = pattern(size, index as u8);
         expected.extend_from_slice(&chunk);
@@ -236,8 +251,11 @@ async fn upload_writes_fixed_size_parts() {
     assert_eq!(upload.size(), total);
     assert_eq!(upload.commit().await.unwrap(), total);
 
-    let tail = expected.len() - 2 * PART_SIZE;
-    assert_eq!(log.lock().unwrap().part_sizes, [PART_SIZE, PART_SIZE, tail]);
+    let tail = expected.len() - 2 * LOCAL_PART_SIZE;
+    assert_eq!(
+        log.lock().unwrap().part_sizes,
+        [LOCAL_PART_SIZE, LOCAL_PART_SIZE, tail]
+    );
     assert_eq!(log.lock().unwrap().aborts, 0);
 
     let stored = storage.get_range(&id, 0..total).await.unwrap();
@@ -248,12 +266,49 @@ async fn upload_writes_fixed_size_parts() {
 }
 
 #[tokio::test]
+async fn s3_upload_writes_minimum_size_parts() {
+    let backend = Backend::S3 {
+        bucket: "bucket".into(),
+    };
+    let (storage, log) = recording_storage_on(backend, PartBehavior::Succeed, false);
+    let id = object_id("p", "c", "a");
+
+    let mut upload = storage.start_upload(&id).await.unwrap();
+    let chunk_len = 4 * 1024 * 1024;
+    for index in 0..3 {
+        upload.write(pattern(chunk_len, index)).await.unwrap();
+    }
+    let total = 3 * chunk_len;
+    assert_eq!(upload.commit().await.unwrap(), total as u64);
+
+    // S3 rejects a part below 5 MiB unless it is the last one.
+    assert_eq!(PART_SIZE, 5 * 1024 * 1024);
+    let tail = total - 2 * PART_SIZE;
+    assert_eq!(log.lock().unwrap().part_sizes, [PART_SIZE, PART_SIZE, tail]);
+    assert_eq!(storage.max_upload_buffer(), MAX_UPLOAD_BUFFER);
+}
+
+#[test]
+fn local_and_memory_parts_are_small() {
+    assert_eq!(
+        Storage::in_memory().max_upload_buffer(),
+        LOCAL_MAX_UPLOAD_BUFFER
+    );
+    let local = Backend::Local {
+        root: std::path::PathBuf::from("/"),
+    };
+    assert_eq!(local.part_size(), LOCAL_PART_SIZE);
+    // What `LOCAL_PART_SIZE` promises: 256 uploads buffer at most 192 MiB of parts.
+    const { assert!(256 * LOCAL_MAX_UPLOAD_BUFFER <= 192 * 1024 * 1024) };
+}
+
+#[tokio::test]
 async fn dropped_upload_is_aborted() {
     let (storage, log) = recording_storage(PartBehavior::Succeed, false);
     let id = object_id("p", "c", "a");
 
     let mut upload = storage.start_upload(&id).await.unwrap();
-    upload.write(pattern(PART_SIZE + 1, 1)).await.unwrap();
+    upload.write(pattern(LOCAL_PART_SIZE + 1, 1)).await.unwrap();
     drop(upload);
     storage.wait_for_background_tasks().await;
 
@@ -269,7 +324,10 @@ async fn failed_part_aborts_upload() {
 
     let mut upload = storage.start_upload(&id).await.unwrap();
     // The third part waits for the first, whose failure surfaces here.
-    let error = upload.write(pattern(3 * PART_SIZE, 1)).await.unwrap_err();
+    let error = upload
+        .write(pattern(3 * LOCAL_PART_SIZE, 1))
+        .await
+        .unwrap_err();
     assert!(matches!(error, StorageError::Backend { .. }), "{error:?}");
     assert_eq!(log.lock().unwrap().aborts, 1);
 
@@ -324,7 +382,7 @@ async fn interrupted_write_closes_upload() {
 
     let mut upload = storage.start_upload(&id).await.unwrap();
     // The third part waits for a stalled part, so one poll cannot finish the write.
-    let finished = upload.write(pattern(3 * PART_SIZE, 1)).now_or_never();
+    let finished = upload.write(pattern(3 * LOCAL_PART_SIZE, 1)).now_or_never();
     assert!(finished.is_none(), "write should wait for a part in flight");
     assert_eq!(log.lock().unwrap().part_sizes.len(), 2, "parts in flight");
 

@@ -7,13 +7,14 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, WriteMultipart};
 
-use super::{Inner, MAX_PARTS_IN_FLIGHT, PART_SIZE, Result, StorageError, classify, commit_lock};
+use super::{Inner, MAX_PARTS_IN_FLIGHT, Result, StorageError, classify, commit_lock};
 
 /// An object being written. Its data becomes readable only when [`Upload::commit`] returns.
 ///
-/// [`Upload::write`] accepts chunks of any size and sends them to the backend in parts of
-/// [`PART_SIZE`] bytes, with at most [`MAX_PARTS_IN_FLIGHT`] parts in flight, so the data it
-/// buffers is bounded by [`super::MAX_UPLOAD_BUFFER`] and does not grow with the object.
+/// [`Upload::write`] accepts chunks of any size and sends them to the backend in parts of the
+/// backend's part size ([`super::PART_SIZE`] on S3, [`super::LOCAL_PART_SIZE`] elsewhere), with
+/// at most [`MAX_PARTS_IN_FLIGHT`] parts in flight, so the data it buffers is bounded by
+/// [`super::Storage::max_upload_buffer`] and does not grow with the object.
 ///
 /// Callers that stop early should await [`Upload::abort`]. Dropping an upload without commit
 /// aborts it in a background task (see [`super::Storage::wait_for_background_tasks`]). Outside a
@@ -24,6 +25,8 @@ pub struct Upload {
     path: Path,
     /// `None` once the upload was committed, aborted or failed.
     writer: Option<WriteMultipart>,
+    /// Bytes per part, fixed for the upload.
+    part_size: usize,
     size: u64,
     /// Set while a [`Upload::write`] runs. It stays set if that future is dropped halfway, and
     /// then an unknown prefix of the chunk was buffered, so the upload cannot continue.
@@ -37,11 +40,13 @@ impl Upload {
             .put_multipart(&path)
             .await
             .map_err(|source| classify(&path, source))?;
-        let writer = WriteMultipart::new_with_chunk_size(multipart, PART_SIZE);
+        let part_size = storage.backend.part_size();
+        let writer = WriteMultipart::new_with_chunk_size(multipart, part_size);
         Ok(Self {
             storage,
             path,
             writer: Some(writer),
+            part_size,
             size: 0,
             write_interrupted: false,
         })
@@ -66,10 +71,10 @@ impl Upload {
 
         let mut failure = None;
         while !chunk.is_empty() {
-            // WriteMultipart sends a part each time its buffer reaches PART_SIZE, so the bytes
-            // buffered now are the size modulo PART_SIZE.
-            let buffered = (self.size % PART_SIZE as u64) as usize;
-            let room = PART_SIZE - buffered;
+            // WriteMultipart sends a part each time its buffer reaches the part size, so the
+            // bytes buffered now are the size modulo the part size.
+            let buffered = (self.size % self.part_size as u64) as usize;
+            let room = self.part_size - buffered;
             let piece = chunk.split_to(room.min(chunk.len()));
 
             // A piece that fills the buffer sends a part, so first wait until fewer than
