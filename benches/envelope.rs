@@ -2,7 +2,7 @@
 //!
 //! - `aead_64KiB`: AES-256-GCM seal and open of the same bytes in 64 KiB pieces, with `aes-gcm`
 //!   0.11 (the crate the envelope uses) and with `ring` 0.17 (the fastest AES-GCM on x86-64 with
-//!   VAES), each piece copied into a reused buffer and then sealed or opened in place as the
+//!   VAES). Each piece is copied into a reused buffer and then sealed or opened in place, as the
 //!   envelope does with a frame. `aes-gcm seal, no copy` leaves the copy out, to show its cost.
 //! - `envelope_encrypt` and `envelope_decrypt`: whole messages through `Encryptor` and
 //!   `Decryptor` with frame lengths of 4 KiB, 64 KiB and 1 MiB, on 1 MiB and 64 MiB objects.
@@ -25,7 +25,7 @@ const FRAME_LENGTHS: [usize; 3] = [4 * KIB, 64 * KIB, MIB];
 /// Input chunk of the `envelope_encrypt_16KiB_chunks` group.
 const RECORD_CHUNK_LEN: usize = 16 * KIB;
 
-/// The object sizes measured: 1 MiB and 64 MiB, or 1 MiB and 2 MiB in test mode.
+/// Returns the object sizes to measure: 1 MiB and 64 MiB, or 1 MiB and 2 MiB in test mode.
 fn object_sizes() -> [usize; 2] {
     if benchmarking() {
         [MIB, 64 * MIB]
@@ -118,7 +118,7 @@ fn frame_label(frame_length: usize) -> String {
     format!("frame {}", size_label(frame_length))
 }
 
-/// A size as criterion's parameter label: `4KiB`, `64MiB`.
+/// Formats a size as criterion's parameter label: `4KiB`, `64MiB`.
 fn size_label(bytes: usize) -> String {
     if bytes >= MIB && bytes.is_multiple_of(MIB) {
         format!("{}MiB", bytes / MIB)

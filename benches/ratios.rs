@@ -182,7 +182,7 @@ fn time(routine: &mut Box<dyn FnMut() + '_>) -> Duration {
     started.elapsed()
 }
 
-/// The lower quartile, median and upper quartile of `values` (nearest rank).
+/// Returns the lower quartile, median and upper quartile of `values` (nearest rank).
 fn quartiles(values: &mut [f64]) -> [f64; 3] {
     values.sort_unstable_by(f64::total_cmp);
     let at = |fraction: f64| values[((values.len() - 1) as f64 * fraction).round() as usize];

@@ -82,7 +82,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     concurrency: u32,
-    /// Uploads in the run, and downloads (default: the concurrency).
+    /// Number of uploads in the run, and of downloads (default: the concurrency).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     requests: Option<u32>,
     /// Bytes per object (see SIZES below).
@@ -95,7 +95,8 @@ pub struct BenchArgs {
     #[arg(long)]
     http2: bool,
     /// HTTP/2 connections to spread the requests over (default: one per 64 requests in flight,
-    /// the gateway's stream limit per connection).
+    /// the gateway's stream limit per connection). HTTP/1.1 opens one connection per request in
+    /// flight.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     connections: Option<u32>,
     /// Frame length of the gateway this bench starts, in plaintext bytes per frame.
@@ -136,7 +137,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let number: u64 = digits
         .parse()
         .map_err(|_| format!("invalid size `{text}`: expected digits, such as 64MiB"))?;
-    let multiplier: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
+    let suffix = suffix.trim();
+    let multiplier: u64 = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
         "m" | "mib" => 1 << 20,
@@ -144,9 +146,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
-        other => {
+        _ => {
             return Err(format!(
-                "invalid size unit `{other}`: use B, K, M, G, KiB, MiB, GiB, KB, MB or GB"
+                "invalid size unit `{suffix}`: use B, K, M, G, KiB, MiB, GiB, KB, MB or GB"
             ));
         }
     };
@@ -168,7 +170,7 @@ enum Protocol {
     Either,
 }
 
-/// What one run measured.
+/// The figures of one run.
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// `callseal serve (started by the bench)` or the URL given.
@@ -276,7 +278,9 @@ async fn bench(args: &BenchArgs) -> Result<Report> {
             .await;
             let log = gateway.stop();
             result.map_err(|error| match log {
-                Some(log) if !log.is_empty() => error.context(format!("gateway log:\n{log}")),
+                Some(log) if !log.is_empty() => {
+                    anyhow::anyhow!("{error:#}\nlast lines of the gateway's log:\n{log}")
+                }
                 _ => error,
             })
         }
@@ -289,7 +293,7 @@ fn read_token(path: &Path) -> Result<String> {
     Ok(token.trim().to_owned())
 }
 
-/// Where the requests go, and which processes serve them.
+/// The server under load: its address, tokens and CA, and the processes that serve it.
 struct Target {
     base_url: String,
     /// Bearer token of role `ingest`, for uploads.
@@ -633,7 +637,7 @@ impl PhaseTimings {
     }
 }
 
-/// An upload body: `size` bytes of the pattern, in chunks that share the pattern's buffer.
+/// Streams an upload body: `size` bytes of the pattern, in chunks that share the pattern's buffer.
 fn upload_body(
     pattern: Bytes,
     size: u64,
@@ -650,7 +654,7 @@ fn upload_body(
     }))
 }
 
-/// The block every body repeats: SHA-256 in counter mode, so no two 32-byte pieces repeat.
+/// Builds the block every body repeats: SHA-256 in counter mode, so no two 32-byte pieces repeat.
 fn pattern_block() -> Bytes {
     let mut block = Vec::with_capacity(PATTERN_LEN);
     let mut counter = 0u64;
@@ -661,7 +665,7 @@ fn pattern_block() -> Bytes {
     Bytes::from(block)
 }
 
-/// Whether `chunk` equals the repeated pattern at byte `offset` of an object.
+/// Returns whether `chunk` equals the repeated pattern at byte `offset` of an object.
 fn matches_pattern(pattern: &[u8], offset: u64, mut chunk: &[u8]) -> bool {
     let mut position = (offset % pattern.len() as u64) as usize;
     while !chunk.is_empty() {
@@ -847,6 +851,14 @@ practices = ["{practice}"]
     }
 }
 
+impl Drop for StartedGateway {
+    /// Stops the child on every path out of the bench, early errors and panics included.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Draws a bearer token: 32 random bytes in hex.
 fn random_token() -> Result<String> {
     let mut secret = [0u8; 32];
@@ -969,7 +981,7 @@ fn clock_ticks_per_second() -> f64 {
         .map_or(100.0, |(_, value)| value as f64)
 }
 
-/// The nearest-rank percentile of `samples` (sorted in place); zero when there are none.
+/// Returns the nearest-rank percentile of `samples`, which it sorts, or zero if there are none.
 fn percentile(samples: &mut [Duration], percent: f64) -> Duration {
     if samples.is_empty() {
         return Duration::ZERO;

@@ -2,7 +2,7 @@
 //! references, and range reads of a message in memory.
 //!
 //! `cargo test --all-targets` runs every bench once in test mode, which is criterion's mode
-//! whenever `--bench` is absent from the arguments. [`benchmarking`] tells the two apart, so that
+//! whenever `--bench` is absent from the arguments. [`benchmarking`] distinguishes the two, so that
 //! test mode works on small objects and stays fast.
 
 // Each bench binary compiles this module and uses only part of it.
@@ -37,7 +37,7 @@ pub const PIECE_LEN: usize = 64 * KIB;
 /// content length (8).
 const AAD_LEN: usize = 72;
 
-/// Whether the bench measures (`cargo bench`) rather than running once as a test.
+/// Returns whether the bench measures (`cargo bench`) rather than running once as a test.
 pub fn benchmarking() -> bool {
     std::env::args().any(|argument| argument == "--bench")
 }
@@ -167,10 +167,12 @@ impl Message {
     }
 
     /// Reads the plaintext `range` as the gateway serves a `Range` request once the header is
-    /// parsed and the data key unwrapped: [`Layout::new`] from the object size, authenticate the
-    /// final frame to prove that size, [`Layout::plan`] the range, [`Decryptor::for_range`], then
-    /// decrypt the planned ciphertext in [`CHUNK_LEN`] chunks. Returns the bytes released; with
-    /// `first_chunk_only` it stops after the first chunk that releases any.
+    /// parsed and the data key unwrapped. It computes the [`Layout`] from the object size and
+    /// authenticates the final frame to prove that size. Then it plans the range, starts a
+    /// [`Decryptor::for_range`] and decrypts the planned ciphertext in [`CHUNK_LEN`] chunks.
+    ///
+    /// Returns the bytes released; with `first_chunk_only` it stops after the first chunk that
+    /// releases any.
     pub fn read_range(
         &self,
         range: Range<u64>,
@@ -322,7 +324,7 @@ impl RawAead {
     }
 }
 
-/// The nonce of piece `index`, laid out like a frame IV: 8 zero bytes, then a u32 counter.
+/// Returns the nonce of piece `index`, laid out like a frame IV: 8 zero bytes, then a u32 counter.
 fn iv(index: usize) -> [u8; 12] {
     let mut iv = [0u8; 12];
     iv[8..].copy_from_slice(&(index as u32 + 1).to_be_bytes());

@@ -10,8 +10,8 @@
 //! buffer (`limits.max_header_bytes`, at least 8 KiB) or the h2 stream window (hyper's default,
 //! 1 MiB), one partial frame in the encryptor (F), the encrypted output gathered until it
 //! reaches [`FLUSH_BYTES`] (plus one frame of F + 32), and storage's upload buffer
-//! ([`crate::storage::Storage::max_upload_buffer`]: 768 KiB on the local filesystem and in memory,
-//! 15 MiB on S3). A read holds one storage chunk
+//! ([`crate::storage::Storage::max_upload_buffer`]). That buffer is 768 KiB on the local
+//! filesystem and in memory and 15 MiB on S3. A read holds one storage chunk
 //! ([`crate::storage::READ_CHUNK_SIZE`]), one partial frame (F + 40) and the plaintext of one chunk.
 
 use std::pin::Pin;

@@ -65,7 +65,7 @@ pub const PART_SIZE: usize = 5 * 1024 * 1024;
 /// Size in bytes of each part that an [`Upload`] to the local filesystem or to memory writes,
 /// except the last part.
 ///
-/// These backends have no minimum part size, and every upload holds its parts in memory until
+/// These backends have no minimum part size, and every upload keeps its parts in memory until
 /// they are written, so small parts keep many concurrent uploads cheap: 256 uploads buffer at most
 /// 192 MiB. On the local filesystem each part is one positioned write to the staged file.
 pub const LOCAL_PART_SIZE: usize = 256 * 1024;
@@ -157,7 +157,8 @@ enum Backend {
 }
 
 impl Backend {
-    /// The size of every part of an upload but the last: S3's minimum on S3, smaller elsewhere.
+    /// Returns the size of every part of an upload but the last: S3's minimum on S3, smaller
+    /// elsewhere.
     fn part_size(&self) -> usize {
         match self {
             Backend::Local { .. } | Backend::Memory => LOCAL_PART_SIZE,

@@ -152,7 +152,7 @@ fn recording_storage(parts: PartBehavior, fail_complete: bool) -> (Storage, Arc<
     recording_storage_on(Backend::Memory, parts, fail_complete)
 }
 
-/// A recording store that part sizes and bounds treat as `backend`.
+/// Builds a recording store that part sizes and bounds treat as `backend`.
 fn recording_storage_on(
     backend: Backend,
     parts: PartBehavior,

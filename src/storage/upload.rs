@@ -12,8 +12,8 @@ use super::{Inner, MAX_PARTS_IN_FLIGHT, Result, StorageError, classify, commit_l
 /// An object being written. Its data becomes readable only when [`Upload::commit`] returns.
 ///
 /// [`Upload::write`] accepts chunks of any size and sends them to the backend in parts of the
-/// backend's part size ([`super::PART_SIZE`] on S3, [`super::LOCAL_PART_SIZE`] elsewhere), with
-/// at most [`MAX_PARTS_IN_FLIGHT`] parts in flight, so the data it buffers is bounded by
+/// backend's part size: [`super::PART_SIZE`] on S3, [`super::LOCAL_PART_SIZE`] elsewhere. At most
+/// [`MAX_PARTS_IN_FLIGHT`] parts are in flight, so the data it buffers is bounded by
 /// [`super::Storage::max_upload_buffer`] and does not grow with the object.
 ///
 /// Callers that stop early should await [`Upload::abort`]. Dropping an upload without commit
