@@ -46,7 +46,7 @@ pub struct Summary {
     pub webhook: Option<WebhookSummary>,
 }
 
-/// What the webhook part of the demo stored.
+/// The call and artifacts that the webhook part of the demo stored.
 #[derive(Debug)]
 pub struct WebhookSummary {
     pub call: String,

@@ -50,7 +50,7 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// What a run did.
+/// The counts of one rewrap run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     pub objects: usize,

@@ -30,7 +30,7 @@ struct Opener {
     frames_opened: u64,
 }
 
-/// What part of the plaintext a range read releases.
+/// The part of the plaintext that a range read releases.
 #[derive(Debug, Clone, Copy)]
 struct Window {
     last_frame: u32,
@@ -150,7 +150,7 @@ impl Decryptor {
         self.opener.done
     }
 
-    /// How many frames this decryptor has authenticated.
+    /// Returns how many frames this decryptor has authenticated.
     pub fn frames_opened(&self) -> u64 {
         self.opener.frames_opened
     }

@@ -70,7 +70,7 @@ pub struct ParsedHeader {
 }
 
 impl ParsedHeader {
-    /// The number of message bytes the header occupies, tag included.
+    /// Returns the number of message bytes the header occupies, tag included.
     pub fn len(&self) -> usize {
         self.body.len() + TAG_LEN
     }

@@ -67,17 +67,17 @@ impl Layout {
         })
     }
 
-    /// The plaintext length the object size implies; proven once the final frame verifies.
+    /// Returns the plaintext length the object size implies, proven once the final frame verifies.
     pub fn plaintext_len(&self) -> u64 {
         self.regular_frames * self.frame_length + self.final_length
     }
 
-    /// The stored size of the whole message.
+    /// Returns the stored size of the whole message.
     pub fn object_size(&self) -> u64 {
         self.frame_start(self.final_sequence()) + self.final_length + FINAL_FRAME_OVERHEAD as u64
     }
 
-    /// The sequence number of the final frame.
+    /// Returns the sequence number of the final frame.
     pub fn final_sequence(&self) -> u32 {
         // `new` bounds the frame count below u32::MAX.
         (self.regular_frames + 1) as u32
@@ -126,7 +126,7 @@ impl Layout {
         })
     }
 
-    /// The ciphertext offset where frame `sequence` starts.
+    /// Returns the ciphertext offset where frame `sequence` starts.
     fn frame_start(&self, sequence: u32) -> u64 {
         self.header_len
             + u64::from(sequence - 1) * (self.frame_length + REGULAR_FRAME_OVERHEAD as u64)

@@ -56,7 +56,7 @@ pub const COMMITMENT_LEN: usize = 32;
 pub const IV_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 
-/// Why a message was rejected or could not be written.
+/// The reason a message was rejected or could not be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("authentication failed")]

@@ -114,7 +114,7 @@ impl Trail {
         }
     }
 
-    /// Records the completion of a request answered in one piece.
+    /// Records the completion of a request whose response was sent in one piece.
     pub async fn complete(
         &self,
         status: u16,

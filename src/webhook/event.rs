@@ -57,7 +57,7 @@ const TRANSCRIPT_FIELDS: &[&str] = &[
     "post_session_transcript",
 ];
 
-/// Why a verified body cannot be stored.
+/// The reason a verified body cannot be stored.
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
     #[error("webhook body is not a JSON object")]

@@ -256,7 +256,9 @@ async fn read_verified_body(
         match Arc::clone(&webhooks.unverified_budget).try_acquire_many_owned(permits) {
             Ok(permit) => held.push(permit),
             Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {
-                warn!("webhook refused: the budget for unverified body bytes is exhausted");
+                warn!(
+                    "webhook rejected with 503: the budget for unverified body bytes is exhausted"
+                );
                 return Err(ApiError::Busy);
             }
         }
@@ -269,7 +271,7 @@ async fn read_verified_body(
     Ok(buffer)
 }
 
-/// What [`store_event`] did.
+/// The result of [`store_event`].
 enum Stored {
     /// The same body was already stored for this call and event type.
     Duplicate,
