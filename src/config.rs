@@ -302,11 +302,17 @@ pub struct Forward {
 /// |---|---|---|
 /// | `max_body_bytes` | 33554432 | Retell bodies grow about 1.5 MiB per hour of call and calls last up to 2 hours |
 /// | `max_unverified_bytes` | 134217728 | body bytes held in memory, across all requests, before their signature is checked |
+/// | `store_timeout_secs` | 5 | a store that takes longer goes to the spool, well inside Retell's 10 s timeout |
+/// | `spool_directory` | `spool`, beside the configuration file | encrypted events waiting for storage to return |
+/// | `spool_max_bytes` | 1073741824 | room for about 30 maximum-size events, or tens of thousands of typical ones |
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookSettings {
     pub max_body_bytes: u64,
     pub max_unverified_bytes: u64,
+    pub store_timeout_secs: u64,
+    pub spool_directory: PathBuf,
+    pub spool_max_bytes: u64,
 }
 
 impl Default for WebhookSettings {
@@ -314,6 +320,9 @@ impl Default for WebhookSettings {
         WebhookSettings {
             max_body_bytes: 32 * 1024 * 1024,
             max_unverified_bytes: 128 * 1024 * 1024,
+            store_timeout_secs: 5,
+            spool_directory: PathBuf::from("spool"),
+            spool_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -554,6 +563,16 @@ impl Config {
                 "webhooks.max_unverified_bytes is below webhooks.max_body_bytes: bodies larger than the budget always get 503"
             );
         }
+        if raw.webhooks.store_timeout_secs == 0 {
+            return Err("key `webhooks.store_timeout_secs`: must be at least 1".into());
+        }
+        if raw.webhooks.spool_max_bytes < raw.webhooks.max_body_bytes {
+            tracing::warn!(
+                spool_max_bytes = raw.webhooks.spool_max_bytes,
+                max_body_bytes = raw.webhooks.max_body_bytes,
+                "webhooks.spool_max_bytes is below webhooks.max_body_bytes: the largest events cannot be spooled while storage is unreachable"
+            );
+        }
 
         let mut tokens = Vec::new();
         for (index, token) in raw.tokens.into_iter().enumerate() {
@@ -612,7 +631,10 @@ impl Config {
             limits: raw.limits,
             practices,
             tokens,
-            webhooks: raw.webhooks,
+            webhooks: WebhookSettings {
+                spool_directory: resolve(&raw.webhooks.spool_directory),
+                ..raw.webhooks
+            },
             aws: raw.aws,
             residency: raw.residency,
             clients,

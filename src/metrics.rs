@@ -61,6 +61,9 @@ pub struct Metrics {
     kms_calls: Family<OperationLabels, Counter>,
     kms_failures: Counter,
     audit_failures: Counter,
+    spool_operations: Family<OutcomeLabels, Counter>,
+    spool_events: Gauge,
+    spool_bytes: Gauge,
 }
 
 /// A request body or response body in flight, counted in `callseal_active_streams` until dropped.
@@ -96,6 +99,11 @@ struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: &'static str,
     outcome: &'static str,
@@ -114,6 +122,9 @@ impl Metrics {
         let kms_calls = Family::<OperationLabels, Counter>::default();
         let kms_failures = Counter::default();
         let audit_failures = Counter::default();
+        let spool_operations = Family::<OutcomeLabels, Counter>::default();
+        let spool_events = Gauge::default();
+        let spool_bytes = Gauge::default();
 
         // Counter names are registered without the `_total` suffix because the encoder appends
         // it, and help texts without a final period because the encoder appends one.
@@ -170,6 +181,22 @@ impl Metrics {
             "Audit records that could not be written; each failed its request with 503",
             audit_failures.clone(),
         );
+        registry.register(
+            "callseal_webhook_spool_operations",
+            "Webhook events the spool took while storage was unreachable, by outcome (spooled, \
+             delivered, quarantined, rejected_full, rejected_unwritable)",
+            spool_operations.clone(),
+        );
+        registry.register(
+            "callseal_webhook_spool_events",
+            "Webhook events waiting in the spool for storage",
+            spool_events.clone(),
+        );
+        registry.register(
+            "callseal_webhook_spool_bytes",
+            "Bytes of encrypted webhook events waiting in the spool",
+            spool_bytes.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -183,6 +210,9 @@ impl Metrics {
             kms_failures,
             audit_failures,
             connections_rejected,
+            spool_operations,
+            spool_events,
+            spool_bytes,
         })
     }
 
@@ -258,6 +288,21 @@ impl Metrics {
             .get()
     }
 
+    /// Counts one spool operation by its outcome.
+    pub fn record_spool(&self, outcome: &'static str) {
+        self.spool_operations
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Sets the spool's gauges: the events waiting and their bytes.
+    pub fn set_spool_size(&self, events: u64, bytes: u64) {
+        self.spool_events
+            .set(i64::try_from(events).unwrap_or(i64::MAX));
+        self.spool_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     /// Counts one KMS call that failed after retries.
     pub fn record_kms_failure(&self) {
         self.kms_failures.inc();
@@ -309,6 +354,7 @@ mod tests {
         metrics.add_bytes_received("object", 1);
         metrics.add_bytes_sent("object", 1);
         metrics.record_connection_rejected("limit");
+        metrics.record_spool("spooled");
         let text = metrics.encode();
 
         for (name, kind) in [
@@ -318,6 +364,9 @@ mod tests {
             ("callseal_authentication_failures_total", "counter"),
             ("callseal_active_streams", "gauge"),
             ("callseal_connections_rejected_total", "counter"),
+            ("callseal_webhook_spool_operations_total", "counter"),
+            ("callseal_webhook_spool_events", "gauge"),
+            ("callseal_webhook_spool_bytes", "gauge"),
         ] {
             let help = format!("# HELP {name} ");
             assert!(text.contains(&help), "no help text for {name}:\n{text}");
@@ -342,7 +391,9 @@ mod tests {
                 "callseal_authentication_failures_total 0",
                 "callseal_active_streams 0",
                 "callseal_kms_failures_total 0",
-                "callseal_audit_write_failures_total 0"
+                "callseal_audit_write_failures_total 0",
+                "callseal_webhook_spool_events 0",
+                "callseal_webhook_spool_bytes 0"
             ]
         );
     }

@@ -93,6 +93,8 @@ impl S3Setup {
             ],
             max_attempts,
             data_key_cache_ttl_secs: Some(LONG_CACHE_TTL_SECS),
+            retell_key: None,
+            webhooks: None,
         };
         let gateway = KmsGateway::start(&settings).await;
         S3Setup {
@@ -580,6 +582,8 @@ async fn kms_calls_per_upload_and_read() {
         practices: vec![(PRACTICE.to_owned(), key_arn)],
         max_attempts: None,
         data_key_cache_ttl_secs: Some(LONG_CACHE_TTL_SECS),
+        retell_key: None,
+        webhooks: None,
     };
     let gateway = KmsGateway::start(&settings).await;
     let client = gateway.client(Protocol::Http1);

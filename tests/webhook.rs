@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use common::gateway::{
     BoxError, Client, OTHER_PRACTICE, PRACTICE, Protocol, TestGateway, full_body, metric_value,
-    oracle_decrypt, stream_body,
+    oracle_decrypt, stream_body, within_guard,
 };
 use common::retell::{
     FIXTURE_AGENT_ID, FIXTURE_CALL_ID, RetellPractice, RetellSettings, SeededRng, ServeProcess,
@@ -1185,11 +1185,25 @@ async fn unknown_events_and_fields_stored_unchanged() {
 // Storage failures
 // ---------------------------------------------------------------------------------------------
 
+/// Waits until `artifact` of `call` reads back with 200, as the spool drainer delivers it.
+async fn wait_for_artifact(client: &Client, gateway: &TestGateway, call: &str, artifact: &str) {
+    within_guard("the spooled event reaching storage", async {
+        loop {
+            let reply = get_artifact(client, &gateway.files.token, PRACTICE, call, artifact).await;
+            if reply.status == StatusCode::OK {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
 /// When the call's directory cannot be created (a regular file is in its place), the delivery
-/// gets 503 with `Retry-After`, no object or temporary file is left, and Retell's retry succeeds
-/// once storage works again.
+/// gets 202: the event waits in the spool, and no object or temporary file is left in storage.
+/// Once storage works again, the spool delivers the event without a retry from Retell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_failure_is_503_without_partial_object() {
+async fn storage_failure_spools_event() {
     let key = new_api_key();
     let mut gateway = RetellSettings::single(&key).start().await;
     let client = gateway.client(Protocol::Http1);
@@ -1202,11 +1216,7 @@ async fn storage_failure_is_503_without_partial_object() {
     fs::write(&blocker, b"not a directory").expect("put a file where the call directory goes");
 
     let reply = deliver(&client, PRACTICE, &key, &body).await;
-    assert_rejected(&reply, StatusCode::SERVICE_UNAVAILABLE, "storage failure");
-    assert!(
-        reply.header("retry-after").is_some(),
-        "503 carries Retry-After"
-    );
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
     gateway.wait_until_idle().await;
     assert_eq!(
         gateway.files.stored_files(),
@@ -1218,6 +1228,13 @@ async fn storage_failure_is_503_without_partial_object() {
         Vec::<std::path::PathBuf>::new(),
         "no temporary file"
     );
+    let spool = gateway.files.dir().join("spool");
+    let spooled: Vec<_> = fs::read_dir(&spool)
+        .expect("read the spool")
+        .map(|entry| entry.expect("a spool entry").path())
+        .filter(|path| path.is_file())
+        .collect();
+    assert_eq!(spooled.len(), 1, "one spooled event: {spooled:?}");
     let get = get_artifact(
         &client,
         &gateway.files.token,
@@ -1229,8 +1246,7 @@ async fn storage_failure_is_503_without_partial_object() {
     assert_ne!(get.status, StatusCode::OK, "no event is readable");
 
     fs::remove_file(&blocker).expect("remove the blocking file");
-    let reply = deliver(&client, PRACTICE, &key, &body).await;
-    assert_accepted(&reply, "the retry after storage recovered");
+    wait_for_artifact(&client, &gateway, call, "event-call_ended.json").await;
     assert_artifact_bytes(
         &client,
         &gateway,
@@ -1240,18 +1256,20 @@ async fn storage_failure_is_503_without_partial_object() {
         &body,
     )
     .await;
+    wait_for_artifact(&client, &gateway, call, "transcript.json").await;
+    assert!(!spooled[0].exists(), "the delivered spool file is removed");
     gateway.shutdown().await;
 }
 
 /// When the event is stored but its `transcript.json` cannot be (a directory occupies the
-/// version's name), the delivery gets 503 and Retell retries. The retry must then store the
-/// transcript rather than treat the event as a finished duplicate.
+/// version's name), the delivery is spooled. The spool must then store the transcript rather
+/// than treat the event as a finished duplicate, and Retell's repeated delivery is a duplicate.
 ///
 /// The failed rename leaves the transcript's temporary file behind until the next start (a known
 /// limit of local storage, noted at `commit_in_background` in `src/storage/upload.rs`), so this
 /// test does not check for temporary files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_after_failed_transcript_stores_it() {
+async fn spool_completes_failed_transcript() {
     let key = new_api_key();
     let mut gateway = RetellSettings::single(&key).start().await;
     let client = gateway.client(Protocol::Http1);
@@ -1265,18 +1283,12 @@ async fn retry_after_failed_transcript_stores_it() {
         .expect("put a directory where the transcript goes");
     let signature = sign(&key, &body, timestamp);
     let reply = post_signed(&client, PRACTICE, Some(&signature), full_body(body.clone())).await;
-    assert_rejected(
-        &reply,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "transcript write failure",
-    );
-    assert!(
-        reply.header("retry-after").is_some(),
-        "503 carries Retry-After"
-    );
-    fs::remove_dir_all(&blocker).expect("remove the blocking directory");
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
     let reply = deliver(&client, PRACTICE, &key, &body).await;
-    assert_accepted(&reply, "the retry");
+    assert_accepted(&reply, "the repeated delivery");
+
+    fs::remove_dir_all(&blocker).expect("remove the blocking directory");
+    wait_for_artifact(&client, &gateway, call, "transcript.json").await;
     assert_artifact_bytes(
         &client,
         &gateway,
@@ -1286,18 +1298,10 @@ async fn retry_after_failed_transcript_stores_it() {
         &body,
     )
     .await;
-    let transcript = get_artifact(
-        &client,
-        &gateway.files.token,
-        PRACTICE,
-        call,
-        "transcript.json",
-    )
-    .await;
     assert_eq!(
-        transcript.status,
-        StatusCode::OK,
-        "transcript.json is stored after the retry"
+        versions(&gateway.files, PRACTICE, call, "event-call_ended").len(),
+        1,
+        "one stored version"
     );
     gateway.shutdown().await;
 }

@@ -13,6 +13,7 @@ use crate::ids::InvalidId;
 use crate::keys::KeyError;
 use crate::storage::StorageError;
 use crate::webhook::signature::SignatureError;
+use crate::webhook::spool::SpoolError;
 
 /// Seconds a client should wait before retrying a request that failed for a passing reason.
 const RETRY_AFTER_SECS: &str = "5";
@@ -53,6 +54,9 @@ pub enum ApiError {
     StoredObjectMisplaced,
     #[error("storage is unavailable")]
     StorageUnavailable(#[source] StorageError),
+    /// Storage is unreachable and the webhook spool cannot take the event either.
+    #[error("{0}")]
+    Spool(#[source] SpoolError),
     #[error("the practice's key is unavailable")]
     KeyUnavailable(#[source] KeyError),
     /// KMS could not be reached or kept failing: retryable.
@@ -87,6 +91,7 @@ impl ApiError {
             | ApiError::KeyUnavailable(_)
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::StorageUnavailable(_)
+            | ApiError::Spool(_)
             | ApiError::Busy
             | ApiError::AuditUnavailable
             | ApiError::KeyServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -108,6 +113,7 @@ impl ApiError {
             ApiError::StoredObjectInvalid => "stored_object_invalid",
             ApiError::StoredObjectMisplaced => "stored_object_misplaced",
             ApiError::StorageUnavailable(_) => "storage_unavailable",
+            ApiError::Spool(error) => error.reason(),
             ApiError::KeyUnavailable(_) | ApiError::KeyServiceUnavailable(_) => "key_unavailable",
             ApiError::KeyRefused(_) => "key_refused",
             ApiError::Busy => "busy",
@@ -148,6 +154,7 @@ impl ApiError {
                 }
             }
             ApiError::StorageUnavailable(_)
+            | ApiError::Spool(_)
             | ApiError::Busy
             | ApiError::AuditUnavailable
             | ApiError::KeyServiceUnavailable(_) => {

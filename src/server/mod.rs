@@ -90,7 +90,7 @@ impl AppState {
             .context("invalid principal name")?;
         let audit = Arc::new(open_audit_log(&config, &metrics)?);
         let webhooks =
-            WebhookState::new(&config, &metrics).context("invalid media or forwarding settings")?;
+            WebhookState::new(&config, &metrics).context("cannot set up the webhook route")?;
         Ok(AppState {
             config,
             storage,
@@ -203,6 +203,7 @@ pub struct Running {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     media_workers: JoinSet<()>,
+    spool_drainer: tokio::task::JoinHandle<()>,
     _watcher: CertWatcher,
 }
 
@@ -213,6 +214,9 @@ impl Running {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         while self.media_workers.join_next().await.is_some() {}
+        if let Err(error) = self.spool_drainer.await {
+            error!(%error, "the webhook spool drainer failed");
+        }
         if let Err(error) = self.state.audit.close().await {
             error!(%error, "closing the audit log failed");
         }
@@ -244,19 +248,19 @@ pub async fn start(config: Config) -> Result<Running> {
     let data_addr = data.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let resumed = crate::webhook::media::resume(&state)
-        .await
-        .context("cannot list unfinished media downloads")?;
-    if resumed > 0 {
-        info!(jobs = resumed, "resuming unfinished media downloads");
-    }
     let media_workers = crate::webhook::media::spawn_workers(
         Arc::clone(&state),
         state.config.media.workers,
         shutdown.clone(),
     );
 
+    let spool_drainer = crate::webhook::spool::spawn_drainer(Arc::clone(&state), shutdown.clone());
+
     let mut tasks = JoinSet::new();
+    tasks.spawn(crate::webhook::media::resume_until_listed(
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
     tasks.spawn(accept_loop(
         data,
         acceptor,
@@ -284,6 +288,7 @@ pub async fn start(config: Config) -> Result<Running> {
         shutdown,
         tasks,
         media_workers,
+        spool_drainer,
         _watcher: watcher,
     })
 }
@@ -297,7 +302,8 @@ pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// `/readyz`: storage responds and every practice's key files still load.
+/// `/readyz`: storage responds (or the webhook spool has room), the audit log works, and every
+/// practice's key files still load.
 struct GatewayReadiness {
     state: Arc<AppState>,
 }
@@ -305,11 +311,16 @@ struct GatewayReadiness {
 impl Readiness for GatewayReadiness {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            self.state
-                .storage
-                .check()
-                .await
-                .map_err(|error| format!("storage: {error}"))?;
+            // While storage is unreachable the spool takes webhook events, which have no second
+            // chance once Retell's retries run out, so the gateway stays in service as long as
+            // the spool has room; reads and uploads answer 503 meanwhile.
+            if let Err(error) = self.state.storage.check().await {
+                let spool = &self.state.webhooks.spool;
+                if !spool.has_room() {
+                    return Err(format!("storage: {error}; the webhook spool is full"));
+                }
+                warn!(%error, "storage is unreachable; ready only for webhooks, which are spooled");
+            }
             if self.state.audit.is_failed() {
                 return Err(
                     "audit log: a write failed; requests are refused until it is reopened".into(),

@@ -117,20 +117,51 @@ pub fn fetcher(settings: &MediaSettings) -> Result<Option<Fetcher>, super::fetch
     Fetcher::new(policy).map(Some)
 }
 
-/// Queues every job object left in storage by an earlier run.
+/// Queues every job object left in storage by an earlier run. Nothing is queued unless every
+/// practice's jobs were listed, so a retry after a failure queues no job twice.
 pub async fn resume(state: &AppState) -> Result<usize, crate::storage::StorageError> {
-    let mut found = 0;
+    let mut found = Vec::new();
     for practice in &state.config.practices {
-        for job in state
-            .storage
-            .find_artifacts(&practice.id, JOB_PREFIX)
-            .await?
-        {
-            state.webhooks.jobs.enqueue(job);
-            found += 1;
-        }
+        found.extend(
+            state
+                .storage
+                .find_artifacts(&practice.id, JOB_PREFIX)
+                .await?,
+        );
     }
-    Ok(found)
+    let count = found.len();
+    for job in found {
+        state.webhooks.jobs.enqueue(job);
+    }
+    Ok(count)
+}
+
+/// Queues the jobs left by an earlier run ([`resume`]), retrying while storage cannot list them,
+/// so that a gateway started during a storage outage still serves webhooks (which it spools) and
+/// resumes its downloads once storage returns.
+pub async fn resume_until_listed(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut backoff = std::time::Duration::from_millis(500);
+    loop {
+        let listed = tokio::select! {
+            listed = resume(&state) => listed,
+            () = shutdown.cancelled() => return,
+        };
+        match listed {
+            Ok(0) => return,
+            Ok(jobs) => {
+                info!(jobs, "resuming unfinished media downloads");
+                return;
+            }
+            Err(error) => {
+                warn!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot list unfinished media downloads yet");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+    }
 }
 
 /// Starts `workers` download workers that run until `shutdown` is cancelled.

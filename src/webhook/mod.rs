@@ -13,9 +13,10 @@
 //!    must be on the practice's agent allowlist when it has one (403 otherwise).
 //! 4. The exact body is stored encrypted as a new version of `event-{type}`, with `transcript` and
 //!    `analysis` artifacts beside it, and a durable download job is written for each media link.
-//!    Only then does the gateway answer 204. A body already stored (same call, event type and
-//!    SHA-256) answers 204 without a second write. A storage failure answers 503, and Retell
-//!    retries.
+//!    Only then does the gateway respond with 204. A body already stored (same call, event type
+//!    and SHA-256) gets 204 without a second write. When storage is unreachable or slower than
+//!    `webhooks.store_timeout_secs`, the encrypted event goes to the local [`spool`] instead and
+//!    the response is 202. Only a full or unwritable spool gets 503, and Retell retries.
 //! 5. Media downloads and the optional downstream copy run in the background ([`media`],
 //!    [`forward`]).
 //!
@@ -27,6 +28,7 @@ pub mod fetch;
 pub mod forward;
 pub mod media;
 pub mod signature;
+pub mod spool;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,6 +50,7 @@ use crate::server::{ApiError, AppState, Connection, ResponseBody, Trail, full_bo
 use crate::storage::{Storage, StorageError};
 use event::{Event, parse_version_name, version_name};
 use signature::{BodyVerifier, Signature, SignatureError};
+use spool::{Spool, SpoolError};
 
 /// The header Retell signs its webhooks with.
 pub const SIGNATURE_HEADER: &str = "x-retell-signature";
@@ -63,12 +66,23 @@ pub struct WebhookState {
     pub fetcher: Option<fetch::Fetcher>,
     /// The downstream client; `None` when no practice forwards.
     pub forwarder: Option<forward::Forwarder>,
+    /// Events waiting for storage to return.
+    pub spool: Spool,
+}
+
+/// The webhook route could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("invalid media or forwarding settings")]
+    Fetch(#[from] fetch::FetchError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 impl WebhookState {
-    /// Builds the route's state: the unverified-bytes budget, the media fetcher and the
-    /// forwarder, each from the configuration.
-    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Self, fetch::FetchError> {
+    /// Builds the route's state from the configuration: the unverified-bytes budget, the media
+    /// fetcher, the forwarder and the spool.
+    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Self, SetupError> {
         let max_unverified_bytes = config.webhooks.max_unverified_bytes;
         let permits = usize::try_from(max_unverified_bytes)
             .unwrap_or(usize::MAX)
@@ -100,6 +114,11 @@ impl WebhookState {
             event_locks: KeyedLocks::default(),
             fetcher: media::fetcher(&config.media)?,
             forwarder,
+            spool: Spool::open(
+                &config.webhooks.spool_directory,
+                config.webhooks.spool_max_bytes,
+                Arc::clone(metrics),
+            )?,
         })
     }
 }
@@ -139,7 +158,7 @@ pub async fn handle_retell(
     let principal = PrincipalName::new(RETELL_PRINCIPAL).expect("a valid principal name");
     trail.allow_as(principal, Some(Role::Ingest)).await?;
 
-    let stored = store_event(state, practice, &event, &body, timestamp_ms).await;
+    let stored = store_or_spool(state, practice, &event, &body, timestamp_ms).await;
     let stored = match stored {
         Ok(stored) => stored,
         Err(error) => {
@@ -152,29 +171,39 @@ pub async fn handle_retell(
     state
         .metrics
         .add_bytes_received("webhook", body.len() as u64);
-    match &stored {
+    let status = match &stored {
         Stored::Duplicate => {
-            info!(event = %event.kind, "duplicate webhook delivery; already stored")
+            info!(event = %event.kind, "duplicate webhook delivery; already stored");
+            StatusCode::NO_CONTENT
         }
         Stored::New { artifacts } => {
             info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
-            if let (Some(forwarder), Some(forward)) = (&state.webhooks.forwarder, &practice.forward)
-            {
-                let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
-                forwarder.send(
-                    forward.clone(),
-                    event.redacted(practice.id.as_str(), &paths),
-                );
-            }
+            forward_event(state, practice, &event, artifacts);
+            StatusCode::NO_CONTENT
         }
-    }
+        Stored::Spooled => {
+            info!(event = %event.kind, bytes = body.len(), "webhook event spooled until storage returns");
+            StatusCode::ACCEPTED
+        }
+    };
     trail
-        .complete(StatusCode::NO_CONTENT.as_u16(), body.len() as u64, None)
+        .complete(status.as_u16(), body.len() as u64, None)
         .await?;
 
     let mut response = Response::new(full_body(Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
+    *response.status_mut() = status;
     Ok(response)
+}
+
+/// Sends the redacted copy of a newly stored event downstream, if the practice forwards.
+fn forward_event(state: &AppState, practice: &Practice, event: &Event, artifacts: &[ObjectId]) {
+    if let (Some(forwarder), Some(forward)) = (&state.webhooks.forwarder, &practice.forward) {
+        let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
+        forwarder.send(
+            forward.clone(),
+            event.redacted(practice.id.as_str(), &paths),
+        );
+    }
 }
 
 /// The principal name webhook deliveries are audited under.
@@ -271,16 +300,86 @@ async fn read_verified_body(
     Ok(buffer)
 }
 
-/// The result of [`store_event`].
+/// The result of [`store_event`] and [`store_or_spool`].
 enum Stored {
-    /// The same body was already stored for this call and event type.
+    /// The same body was already stored (or spooled) for this call and event type.
     Duplicate,
     /// A new version was stored, with these artifacts.
     New { artifacts: Vec<ObjectId> },
+    /// Storage was unreachable; the encrypted event waits in the spool.
+    Spooled,
+}
+
+/// An event version encrypted for its object, ready to be written as is.
+struct Sealed {
+    id: ObjectId,
+    message: Bytes,
+}
+
+/// Stores the event, or spools it when storage is unreachable.
+///
+/// While storage is known to be unreachable and the spool contains events, the store is not
+/// attempted, so each delivery does not wait out the timeout; the drainer finds out when storage
+/// returns. The message written to the spool is the one
+/// the failed store sealed, if it got that far, so the event costs one data key either way.
+async fn store_or_spool(
+    state: &AppState,
+    practice: &Practice,
+    event: &Event,
+    body: &[u8],
+    timestamp_ms: u64,
+) -> Result<Stored, ApiError> {
+    let spool = &state.webhooks.spool;
+    let mut sealed = None;
+    if !(spool.storage_down() && spool.holds_events()) {
+        let timeout = std::time::Duration::from_secs(state.config.webhooks.store_timeout_secs);
+        let attempt = store_event(state, practice, event, body, timestamp_ms, &mut sealed);
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Err(ApiError::StorageUnavailable(error))) => {
+                warn!(error = %error, "storing the webhook event failed; spooling it");
+            }
+            Ok(result) => {
+                if result.is_ok() {
+                    spool.set_storage_down(false);
+                }
+                return result;
+            }
+            Err(_elapsed) => {
+                warn!(
+                    timeout_secs = timeout.as_secs(),
+                    "storing the webhook event timed out; spooling it"
+                );
+            }
+        }
+        spool.set_storage_down(true);
+    }
+
+    let base = event.artifact_base();
+    let digest = hex::encode(&event.digest[..8]);
+    if spool.holds_version(&practice.id, &event.call, &base, &digest) {
+        return Ok(Stored::Duplicate);
+    }
+    let id = ObjectId::new(
+        practice.id.clone(),
+        event.call.clone(),
+        ArtifactName::new(version_name(&base, timestamp_ms, &event.digest))?,
+    );
+    let message = match sealed {
+        Some(sealed) if sealed.id == id => sealed.message,
+        _ => seal(state, &id, body).await?,
+    };
+    spool.put(&id, message).await.map_err(|error| {
+        warn!(error = %error, "webhook event rejected: storage is unreachable and the spool cannot store it");
+        ApiError::Spool(error)
+    })?;
+    Ok(Stored::Spooled)
 }
 
 /// Stores the raw event as a new version (unless this body is already stored), then records the
 /// media jobs and writes the transcript and analysis that are still missing.
+///
+/// The new version is written from `sealed` when that contains its message (a spooled event), and
+/// otherwise sealed here and left in `sealed` for the caller.
 ///
 /// A repeated delivery completes what an earlier, failed one left out, so Retell's retry after a
 /// 503 never leaves a transcript or a media job missing for good. Deliveries of one event type
@@ -295,6 +394,7 @@ async fn store_event(
     event: &Event,
     body: &[u8],
     timestamp_ms: u64,
+    sealed: &mut Option<Sealed>,
 ) -> Result<Stored, ApiError> {
     let base = event.artifact_base();
     let lock_key = format!("{}/{}/{base}", practice.id, event.call);
@@ -319,7 +419,22 @@ async fn store_event(
     let event_id = object(version_name(&base, version_timestamp, &event.digest))?;
     let is_new = stored_timestamp.is_none();
     if is_new {
-        store_bytes(state, &event_id, body).await?;
+        let message = match sealed {
+            Some(sealed) if sealed.id == event_id => sealed.message.clone(),
+            _ => {
+                let message = seal(state, &event_id, body).await?;
+                *sealed = Some(Sealed {
+                    id: event_id.clone(),
+                    message: message.clone(),
+                });
+                message
+            }
+        };
+        // An earlier attempt whose commit finished after its caller gave up already stored it.
+        match put_sealed(state, &event_id, message).await {
+            Ok(()) | Err(ApiError::AlreadyExists) => {}
+            Err(error) => return Err(error),
+        }
     }
     let mut artifacts = vec![event_id];
 
@@ -420,17 +535,28 @@ pub async fn store_bytes(
     id: &ObjectId,
     plaintext: &[u8],
 ) -> Result<(), ApiError> {
+    let message = seal(state, id, plaintext).await?;
+    put_sealed(state, id, message).await
+}
+
+/// Encrypts `plaintext` in memory as the message of object `id`: a new data key, the object's
+/// encryption context.
+async fn seal(state: &AppState, id: &ObjectId, plaintext: &[u8]) -> Result<Bytes, ApiError> {
     let keys = state.keys.get(&id.practice).ok_or(ApiError::Forbidden)?;
     let context = EncryptionContext::for_object(id);
     let (data_key, edk) = keys.generate_data_key(&context).await?;
     let frame_length = state.config.envelope.frame_length;
     let mut encryptor = Encryptor::new(&data_key, vec![edk], context, frame_length)?;
-
-    let mut upload = state.storage.start_upload(id).await?;
     let mut out = BytesMut::from(encryptor.header());
     encryptor.update(plaintext, &mut out)?;
     encryptor.finish(&mut out);
-    upload.write(out.freeze()).await?;
+    Ok(out.freeze())
+}
+
+/// Writes a sealed message as the new object `id`.
+async fn put_sealed(state: &AppState, id: &ObjectId, message: Bytes) -> Result<(), ApiError> {
+    let mut upload = state.storage.start_upload(id).await?;
+    upload.write(message).await?;
     upload.commit().await?;
     Ok(())
 }

@@ -321,7 +321,8 @@ pub enum KmsFault {
         message: &'static str,
     },
     /// Close new connections at once, and close a kept-alive connection when a request arrives
-    /// on it, as if KMS could not be reached.
+    /// on it, as if the upstream could not be reached. Unlike the errors, this applies to every
+    /// request, so a proxy in front of moto's S3 API simulates an S3 outage.
     Unreachable,
 }
 
@@ -482,6 +483,9 @@ async fn proxy_request(
         .and_then(|target| target.strip_prefix("TrentService."))
         .map(str::to_owned);
     let Some(operation) = operation else {
+        if *lock(&shared.fault) == KmsFault::Unreachable {
+            return Err("the fault proxy simulates an unreachable upstream".into());
+        }
         return forward(shared.upstream, request).await;
     };
     *lock(&shared.requests).entry(operation).or_default() += 1;
@@ -552,6 +556,10 @@ pub struct KmsGatewaySettings {
     pub practices: Vec<(String, String)>,
     pub max_attempts: Option<u32>,
     pub data_key_cache_ttl_secs: Option<u64>,
+    /// A Retell API key configured for every practice, so that it accepts webhooks.
+    pub retell_key: Option<String>,
+    /// Extra lines of the `[webhooks]` table.
+    pub webhooks: Option<String>,
 }
 
 /// A gateway whose practices use KMS keys, started in the test's runtime, with its files in a
@@ -580,8 +588,12 @@ impl KmsGateway {
         let mut token_blocks = String::new();
         for (practice, key_arn) in &settings.practices {
             practices.push_str(&format!(
-                "[[practices]]\nid = \"{practice}\"\nkms_key_arn = \"{key_arn}\"\n\n"
+                "[[practices]]\nid = \"{practice}\"\nkms_key_arn = \"{key_arn}\"\n"
             ));
+            if let Some(key) = &settings.retell_key {
+                practices.push_str(&format!("retell_api_keys = [\"{key}\"]\n"));
+            }
+            practices.push('\n');
             for role in [INGEST, READER] {
                 let token = random_hex(32);
                 let token_hash = hex::encode(Sha256::digest(token.as_bytes()));
@@ -608,9 +620,13 @@ key = "certs/server-key.pem"
 directory = "keys"
 
 {aws}
+[webhooks]
+{webhooks}
+
 {practices}{token_blocks}"#,
             storage = storage_table(settings),
             aws = aws_table(settings),
+            webhooks = settings.webhooks.as_deref().unwrap_or_default(),
         );
         let config_path = dir.path().join("callseal.toml");
         fs::write(&config_path, config).expect("write callseal.toml");
@@ -671,6 +687,16 @@ directory = "keys"
             state.storage.wait_for_background_tasks().await;
         })
         .await;
+    }
+
+    /// Stops the gateway if it runs, then starts it again from the same files.
+    pub async fn restart(&mut self) {
+        self.shutdown().await;
+        let config = Config::load(&self.dir.path().join("callseal.toml"))
+            .expect("load the test configuration");
+        let running = server::start(config).await.expect("restart the gateway");
+        self.data_addr = running.data_addr;
+        self.running = Some(running);
     }
 
     /// Stops the gateway gracefully.
