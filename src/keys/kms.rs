@@ -8,7 +8,8 @@
 //! KMS returned, ciphertext the `CiphertextBlob` as it is.
 //!
 //! Unwrapped data keys are cached briefly ([`DataKeyCache`]), keyed by the wrapped key and the
-//! encryption context; a failure is never cached. Throttling and server errors are retried by
+//! encryption context; a failure is never cached. Concurrent misses of one key share one
+//! `Decrypt` call, and its failure reaches only the reads that waited for it. Throttling and server errors are retried by
 //! the SDK with exponential backoff and jitter; what still fails maps to [`KeyError::KmsUnavailable`],
 //! and an access-denied, disabled or pending-deletion key has an error of its own.
 
@@ -168,6 +169,26 @@ impl KmsKeyring {
             return Ok(data_key);
         }
 
+        // The first miss runs `Decrypt`; misses that arrive meanwhile wait for its result. If the
+        // first caller is cancelled, a waiting one runs the call instead.
+        let flight = self.cache.join_flight(cache_key);
+        flight
+            .cell
+            .get_or_init(|| self.decrypt(edk, context, cache_key))
+            .await
+            .clone()
+    }
+
+    /// Calls `Decrypt` for one EDK and caches the data key it returns.
+    async fn decrypt(
+        &self,
+        edk: &EncryptedDataKey,
+        context: &EncryptionContext,
+        cache_key: [u8; 32],
+    ) -> Result<DataKey, KeyError> {
+        if let Some(data_key) = self.cache.get(&cache_key) {
+            return Ok(data_key);
+        }
         let key_id =
             std::str::from_utf8(&edk.provider_info).map_err(|_| KeyError::NoMatchingKey)?;
         self.metrics.record_kms_call("Decrypt");
@@ -269,6 +290,25 @@ pub struct DataKeyCache {
     ttl: Duration,
     max_entries: usize,
     entries: Mutex<HashMap<[u8; 32], CachedKey>>,
+    /// `Decrypt` calls in progress, by cache key.
+    flights: Mutex<HashMap<[u8; 32], FlightCell>>,
+}
+
+/// The shared result of one `Decrypt` call.
+type FlightCell = Arc<tokio::sync::OnceCell<Result<DataKey, KeyError>>>;
+
+/// One caller's share of a `Decrypt` call; the last one to leave removes the call from the map,
+/// even when its request was cancelled.
+struct Flight<'a> {
+    cache: &'a DataKeyCache,
+    key: [u8; 32],
+    cell: FlightCell,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.cache.land_flight(self.key, &self.cell);
+    }
 }
 
 struct CachedKey {
@@ -283,6 +323,38 @@ impl DataKeyCache {
             ttl,
             max_entries,
             entries: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns the `Decrypt` call in progress for `key`, or a new one.
+    fn join_flight(&self, key: [u8; 32]) -> Flight<'_> {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cell = Arc::clone(flights.entry(key).or_default());
+        Flight {
+            cache: self,
+            key,
+            cell,
+        }
+    }
+
+    /// Forgets a call once it finished or its last caller left, so that later misses find the
+    /// key in the cache or, after a failure, start a call of their own.
+    fn land_flight(&self, key: [u8; 32], cell: &FlightCell) {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(current) = flights.get(&key) else {
+            return;
+        };
+        // The map and this caller hold the only references when no one else waits.
+        let last = Arc::strong_count(current) == 2;
+        if Arc::ptr_eq(current, cell) && (cell.initialized() || last) {
+            flights.remove(&key);
         }
     }
 

@@ -128,7 +128,8 @@ impl Keyring {
 
 /// Errors from key generation, key files and wrapping.
 ///
-/// Messages name files, practices and key names, never key bytes.
+/// Messages name files, practices and key names, never key bytes. Clones of an `Io` error keep
+/// its kind and message but not its inner source.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("the operating system's random number generator failed")]
@@ -185,4 +186,81 @@ pub enum KeyError {
         key_id: String,
         what: &'static str,
     },
+}
+
+impl Clone for KeyError {
+    fn clone(&self) -> Self {
+        match self {
+            KeyError::Random => KeyError::Random,
+            KeyError::DataKeyLength { length } => KeyError::DataKeyLength { length: *length },
+            KeyError::WrappingKeyLength { length } => {
+                KeyError::WrappingKeyLength { length: *length }
+            }
+            KeyError::NoPracticeKey {
+                practice,
+                directory,
+            } => KeyError::NoPracticeKey {
+                practice: practice.clone(),
+                directory: directory.clone(),
+            },
+            KeyError::AlreadyExists { path } => KeyError::AlreadyExists { path: path.clone() },
+            KeyError::PracticeHasKeys {
+                practice,
+                directory,
+            } => KeyError::PracticeHasKeys {
+                practice: practice.clone(),
+                directory: directory.clone(),
+            },
+            KeyError::Permissions { path, mode } => KeyError::Permissions {
+                path: path.clone(),
+                mode: *mode,
+            },
+            KeyError::InvalidKeyFile { path, reason } => KeyError::InvalidKeyFile {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            KeyError::Io {
+                action,
+                path,
+                source,
+            } => KeyError::Io {
+                action,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            KeyError::NoMatchingKey => KeyError::NoMatchingKey,
+            KeyError::MalformedEdk(what) => KeyError::MalformedEdk(what),
+            KeyError::Unwrap => KeyError::Unwrap,
+            KeyError::KmsUnavailable {
+                practice,
+                key_id,
+                code,
+            } => KeyError::KmsUnavailable {
+                practice: practice.clone(),
+                key_id: key_id.clone(),
+                code: code.clone(),
+            },
+            KeyError::KmsKeyDisabled { practice, key_id } => KeyError::KmsKeyDisabled {
+                practice: practice.clone(),
+                key_id: key_id.clone(),
+            },
+            KeyError::KmsKeyState { practice, key_id } => KeyError::KmsKeyState {
+                practice: practice.clone(),
+                key_id: key_id.clone(),
+            },
+            KeyError::KmsAccessDenied { practice, key_id } => KeyError::KmsAccessDenied {
+                practice: practice.clone(),
+                key_id: key_id.clone(),
+            },
+            KeyError::KmsBadResponse {
+                practice,
+                key_id,
+                what,
+            } => KeyError::KmsBadResponse {
+                practice: practice.clone(),
+                key_id: key_id.clone(),
+                what,
+            },
+        }
+    }
 }
