@@ -404,3 +404,81 @@ async fn forwarded_copy_is_redacted_and_signed() {
         assert!(!log.contains(secret), "the log contains {secret}");
     }
 }
+
+/// A copy still being retried when the gateway stops is kept as an encrypted job object, so it
+/// is delivered after the next start. The job is deleted once the receiver accepts the copy.
+#[tokio::test]
+async fn forward_job_survives_restart() {
+    let api_key = new_api_key();
+    let secret = canary("forward-secret");
+    let files = MediaSettings::default().create_files(&api_key);
+    let accepting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = MediaServer::start(&files, {
+        let accepting = std::sync::Arc::clone(&accepting);
+        move |_| {
+            if accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                Reply::Status(204)
+            } else {
+                Reply::Status(503)
+            }
+        }
+    })
+    .await;
+    let settings = MediaSettings {
+        forward: Some((receiver.url("/hook"), secret)),
+        ..MediaSettings::default()
+    };
+    settings.write_config(&files, &api_key);
+
+    let process = ServeProcess::spawn(&files, LOG_FILTER).await;
+    let call = "call_forward_restart";
+    let body = call_ended(call, &[]);
+    let reply = deliver(&client(&files, &process), PRACTICE, &api_key, &body).await;
+    assert_accepted(&reply, "call_ended for forwarding");
+    receiver.wait_for_requests(1).await;
+    process.stop().await;
+
+    let jobs = |files: &GatewayFiles| -> Vec<String> {
+        call_files(files, PRACTICE, call)
+            .into_iter()
+            .filter(|name| name.starts_with("forward."))
+            .collect()
+    };
+    assert_eq!(
+        jobs(&files).len(),
+        1,
+        "the forward job outlives the process"
+    );
+    let refused = receiver.requests().len();
+
+    accepting.store(true, std::sync::atomic::Ordering::SeqCst);
+    let process = ServeProcess::spawn(&files, LOG_FILTER).await;
+    let admin = admin_addr(&process);
+    wait_for_background_tasks(admin, "forward", "stored", 1.0).await;
+    let posts = receiver.requests();
+    assert_eq!(posts.len(), refused + 1, "one POST after the restart");
+    let copy: serde_json::Value =
+        serde_json::from_slice(&posts[refused].body).expect("the copy is JSON");
+    assert_eq!(
+        copy["call"]["call_id"], call,
+        "call.call_id of the resent copy"
+    );
+    within_guard("the forward job being deleted", async {
+        while !jobs(&files).is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let listing = client(&files, &process)
+        .get(
+            &format!("/v1/practices/{PRACTICE}/calls/{call}"),
+            &files.token,
+            None,
+        )
+        .await;
+    assert_eq!(listing.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(listing.bytes()).into_owned();
+    assert!(!text.contains("forward."), "jobs are not listed: {text}");
+    process.stop().await;
+}

@@ -396,9 +396,10 @@ async fn list_call(
 ) -> Result<(Response<ResponseBody>, u64), ApiError> {
     let mut artifacts = Vec::new();
     for (artifact, stored_bytes) in state.storage.list_call(practice, call).await? {
-        if artifact
-            .as_str()
-            .starts_with(crate::webhook::media::JOB_PREFIX)
+        // Jobs are the gateway's own work items, not call data.
+        let name = artifact.as_str();
+        if name.starts_with(crate::webhook::media::JOB_PREFIX)
+            || name.starts_with(crate::webhook::forward::JOB_PREFIX)
         {
             continue;
         }

@@ -136,20 +136,33 @@ pub async fn resume(state: &AppState) -> Result<usize, crate::storage::StorageEr
     Ok(count)
 }
 
-/// Queues the jobs left by an earlier run ([`resume`]), retrying while storage cannot list them,
-/// so that a gateway started during a storage outage still serves webhooks (which it spools) and
-/// resumes its downloads once storage returns.
+/// Queues the media and forward jobs left by an earlier run ([`resume`], [`super::forward::resume`]),
+/// retrying while storage cannot list them, so that a gateway started during a storage outage
+/// still serves webhooks (which it spools) and resumes its jobs once storage returns.
 pub async fn resume_until_listed(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut backoff = std::time::Duration::from_millis(500);
+    // Each kind of job is listed once: a retry only lists what failed.
+    let mut downloads = None;
     loop {
+        let listed = async {
+            if downloads.is_none() {
+                downloads = Some(resume(&state).await?);
+            }
+            super::forward::resume(&state).await
+        };
         let listed = tokio::select! {
-            listed = resume(&state) => listed,
+            listed = listed => listed,
             () = shutdown.cancelled() => return,
         };
         match listed {
-            Ok(0) => return,
-            Ok(jobs) => {
-                info!(jobs, "resuming unfinished media downloads");
+            Ok(forwards) => {
+                let downloads = downloads.unwrap_or_default();
+                if downloads + forwards > 0 {
+                    info!(
+                        downloads,
+                        forwards, "resuming unfinished media downloads and forwards"
+                    );
+                }
                 return;
             }
             Err(error) => {

@@ -178,7 +178,7 @@ pub async fn handle_retell(
         }
         Stored::New { artifacts } => {
             info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
-            forward_event(state, practice, &event, artifacts);
+            forward_event(state, practice, &event, artifacts).await;
             StatusCode::NO_CONTENT
         }
         Stored::Spooled => {
@@ -196,14 +196,24 @@ pub async fn handle_retell(
 }
 
 /// Sends the redacted copy of a newly stored event downstream, if the practice forwards.
-fn forward_event(state: &AppState, practice: &Practice, event: &Event, artifacts: &[ObjectId]) {
-    if let (Some(forwarder), Some(forward)) = (&state.webhooks.forwarder, &practice.forward) {
-        let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
-        forwarder.send(
-            forward.clone(),
-            event.redacted(practice.id.as_str(), &paths),
-        );
-    }
+/// `artifacts` starts with the stored event version.
+async fn forward_event(
+    state: &AppState,
+    practice: &Practice,
+    event: &Event,
+    artifacts: &[ObjectId],
+) {
+    let (Some(forwarder), Some(forward)) = (&state.webhooks.forwarder, &practice.forward) else {
+        return;
+    };
+    let Some(event_id) = artifacts.first() else {
+        return;
+    };
+    let paths: Vec<String> = artifacts.iter().map(ToString::to_string).collect();
+    let copy = event.redacted(practice.id.as_str(), &paths);
+    forwarder
+        .record(state, forward.clone(), event_id, copy)
+        .await;
 }
 
 /// The principal name webhook deliveries are audited under.

@@ -469,7 +469,7 @@ async fn deliver_spooled(state: &AppState, spooled: &Spooled) -> Result<(), Deli
     });
     match store_event(state, practice, &event, &body, timestamp_ms, &mut sealed).await {
         Ok(Stored::New { artifacts }) => {
-            forward_event(state, practice, &event, &artifacts);
+            forward_event(state, practice, &event, &artifacts).await;
             Ok(())
         }
         Ok(Stored::Duplicate | Stored::Spooled) => Ok(()),
