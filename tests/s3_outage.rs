@@ -361,3 +361,36 @@ async fn tampered_spool_file_quarantined() {
     }
     outage.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_store_and_redelivery_store_one_version() {
+    let outage = Outage::start(None).await;
+    // Committing takes longer than the store timeout. So the first delivery is spooled while its
+    // commit goes on, and the second arrives before that commit has finished.
+    let delay = std::time::Duration::from_millis(STORE_TIMEOUT_SECS * 1000 + 500);
+    outage.s3_proxy.set_fault(KmsFault::SlowUploads(delay));
+    let body = fixture_for_call("call_ended.json", &call_id(1));
+    let first = outage.deliver(&body);
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        outage.deliver(&body).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    for (case, reply) in [("first", &first), ("second", &second)] {
+        assert!(reply.status.is_success(), "{case}: {:?}", reply.body);
+    }
+    // The commits already under way stay slow; the rest of the work need not be.
+    outage.s3_proxy.set_fault(KmsFault::PassThrough);
+
+    outage.wait_until_drained().await;
+    outage.gateway.wait_until_idle().await;
+    // A store still running after the drain would show up as a second version.
+    tokio::time::sleep(delay * 3).await;
+    let objects = outage.bucket_objects().await;
+    let version_prefix = format!("/calls/{}/event-call_ended.v", call_id(1));
+    let stored_versions: Vec<_> = objects
+        .keys()
+        .filter(|key| key.contains(&version_prefix))
+        .collect();
+    assert_eq!(stored_versions.len(), 1, "{stored_versions:?}");
+}

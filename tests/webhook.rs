@@ -1306,6 +1306,121 @@ async fn spool_completes_failed_transcript() {
     gateway.shutdown().await;
 }
 
+/// Returns the spool's message files, oldest first.
+fn spool_files(gateway: &TestGateway) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = fs::read_dir(gateway.files.dir().join("spool"))
+        .expect("read the spool")
+        .map(|entry| entry.expect("a spool entry").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Blocks a call's directory with a regular file, so that nothing of the call can be stored.
+fn block_call(gateway: &TestGateway, call: &str) -> std::path::PathBuf {
+    let blocker = call_dir(&gateway.files, PRACTICE, call);
+    fs::create_dir_all(blocker.parent().expect("the call directory has a parent"))
+        .expect("create the calls directory");
+    fs::write(&blocker, b"not a directory").expect("put a file where the call directory goes");
+    blocker
+}
+
+/// One call whose objects cannot be written must not hold up another call's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_call_leaves_others_stored() {
+    let key = new_api_key();
+    let mut gateway = RetellSettings::single(&key).start().await;
+    let client = gateway.client(Protocol::Http1);
+    let blocked = "call-blocked";
+    let healthy = "call-healthy";
+    let blocker = block_call(&gateway, blocked);
+
+    let reply = deliver(
+        &client,
+        PRACTICE,
+        &key,
+        &fixture_for_call("call_ended.json", blocked),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    let healthy_body = fixture_for_call("call_ended.json", healthy);
+    let reply = deliver(&client, PRACTICE, &key, &healthy_body).await;
+    assert_accepted(&reply, "a healthy call while another is blocked");
+    assert_artifact_bytes(
+        &client,
+        &gateway,
+        PRACTICE,
+        healthy,
+        "event-call_ended.json",
+        &healthy_body,
+    )
+    .await;
+    assert_eq!(
+        spool_files(&gateway).len(),
+        1,
+        "only the blocked call waits"
+    );
+
+    fs::remove_file(&blocker).expect("remove the blocking file");
+    wait_for_artifact(&client, &gateway, blocked, "event-call_ended.json").await;
+    gateway.shutdown().await;
+}
+
+/// A spool file removed by hand is forgotten; the messages after it are still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_spool_file_is_forgotten() {
+    let key = new_api_key();
+    let mut gateway = RetellSettings::single(&key).start().await;
+    let client = gateway.client(Protocol::Http1);
+    let (removed, kept) = ("call-removed", "call-kept");
+    let blockers = [block_call(&gateway, removed), block_call(&gateway, kept)];
+    for call in [removed, kept] {
+        let reply = deliver(
+            &client,
+            PRACTICE,
+            &key,
+            &fixture_for_call("call_ended.json", call),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "{call}: {:?}",
+            reply.body
+        );
+    }
+    let spooled = spool_files(&gateway);
+    assert_eq!(spooled.len(), 2, "{spooled:?}");
+    fs::remove_file(&spooled[0]).expect("remove the older spool file");
+
+    for blocker in &blockers {
+        fs::remove_file(blocker).expect("remove a blocking file");
+    }
+    wait_for_artifact(&client, &gateway, kept, "event-call_ended.json").await;
+    let state = std::sync::Arc::clone(gateway.state());
+    within_guard("the spool index emptying", async {
+        while metric_value(&state.metrics.encode(), "callseal_webhook_spool_events") != Some(0.0) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let reply = get_artifact(
+        &client,
+        &gateway.files.token,
+        PRACTICE,
+        removed,
+        "event-call_ended.json",
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::NOT_FOUND,
+        "the removed event is gone"
+    );
+    gateway.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Logs and metrics
 // ---------------------------------------------------------------------------------------------

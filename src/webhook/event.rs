@@ -23,11 +23,28 @@ pub const FORWARDED_CALL_FIELDS: &[&str] = &[
     "duration_ms",
 ];
 
-/// The longest event type accepted: its versioned artifact name,
-/// `event-{type}.v{13 digits}-{16 hex}.json`, must fit the 128-byte id limit. Retell's event
-/// types are about 20 bytes.
-pub const MAX_EVENT_TYPE_LEN: usize =
-    crate::ids::MAX_ID_LEN - "event-.v0000000000000-0000000000000000.json".len();
+/// The maximum length of an event type. Every name made from it must fit the 128-byte id limit:
+/// the versioned event, `event-{type}.v{13 digits}-{16 hex}.json`, and each media job,
+/// `job.{artifact}.{type}.json` (see [`super::media`]). Retell's event types are about 20 bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = {
+    let version = crate::ids::MAX_ID_LEN - "event-.v0000000000000-0000000000000000.json".len();
+    let job = crate::ids::MAX_ID_LEN - "job...json".len() - longest_media_artifact();
+    if version < job { version } else { job }
+};
+
+/// Returns the length of the longest media artifact name in [`MEDIA_FIELDS`].
+const fn longest_media_artifact() -> usize {
+    let mut longest = 0;
+    let mut index = 0;
+    while index < MEDIA_FIELDS.len() {
+        let length = MEDIA_FIELDS[index].1.len();
+        if length > longest {
+            longest = length;
+        }
+        index += 1;
+    }
+    longest
+}
 
 /// Media links in a call object and the artifact each is stored as.
 pub const MEDIA_FIELDS: &[(&str, &str)] = &[
@@ -276,6 +293,10 @@ mod tests {
         let event = Event::parse(body(&at_limit).as_bytes()).unwrap();
         let name = version_name(&event.artifact_base(), u64::MAX / 2_000_000, &event.digest);
         assert!(ArtifactName::new(name).is_ok());
+        for (_, artifact) in MEDIA_FIELDS {
+            let job = format!("job.{artifact}.{at_limit}.json");
+            assert!(ArtifactName::new(job.as_str()).is_ok(), "{job}");
+        }
         let over = "e".repeat(MAX_EVENT_TYPE_LEN + 1);
         assert!(matches!(
             Event::parse(body(&over).as_bytes()),

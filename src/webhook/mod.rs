@@ -125,7 +125,7 @@ impl WebhookState {
 
 /// Handles one webhook delivery; `practice_segment` is the raw path segment.
 pub async fn handle_retell(
-    state: &AppState,
+    state: &Arc<AppState>,
     connection: &Connection,
     request_id: &RequestId,
     request: Request<Incoming>,
@@ -155,6 +155,7 @@ pub async fn handle_retell(
         }
     };
     trail.set_call(event.call.clone());
+    let (event, body) = (Arc::new(event), Arc::new(body));
     let principal = PrincipalName::new(RETELL_PRINCIPAL).expect("a valid principal name");
     trail.allow_as(principal, Some(Role::Ingest)).await?;
 
@@ -178,7 +179,6 @@ pub async fn handle_retell(
         }
         Stored::New { artifacts } => {
             info!(event = %event.kind, bytes = body.len(), artifacts = artifacts.len(), "webhook event stored");
-            forward_event(state, practice, &event, artifacts).await;
             StatusCode::NO_CONTENT
         }
         Stored::Spooled => {
@@ -326,42 +326,92 @@ struct Sealed {
     message: Bytes,
 }
 
+/// The slot in which [`store_event`] leaves the message it sealed, for a caller that spools it
+/// instead.
+type SealedSlot = std::sync::Mutex<Option<Sealed>>;
+
+fn lock_slot(slot: &SealedSlot) -> std::sync::MutexGuard<'_, Option<Sealed>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Returns the sealed message of `id` from `slot`, or seals one and leaves it there. A store that
+/// timed out and the delivery that spools its event share the slot, so both write one message:
+/// whichever is sealed first.
+async fn sealed_message(
+    state: &AppState,
+    slot: &SealedSlot,
+    id: &ObjectId,
+    plaintext: &[u8],
+) -> Result<Bytes, ApiError> {
+    let existing = |slot: &Option<Sealed>| {
+        slot.as_ref()
+            .filter(|sealed| sealed.id == *id)
+            .map(|sealed| sealed.message.clone())
+    };
+    if let Some(message) = existing(&lock_slot(slot)) {
+        return Ok(message);
+    }
+    let message = seal(state, id, plaintext).await?;
+    let mut current = lock_slot(slot);
+    if let Some(first) = existing(&current) {
+        return Ok(first);
+    }
+    *current = Some(Sealed {
+        id: id.clone(),
+        message: message.clone(),
+    });
+    Ok(message)
+}
+
 /// Stores the event, or spools it when storage is unreachable.
 ///
-/// While storage is known to be unreachable and the spool contains events, the store is not
-/// attempted, so each delivery does not wait out the timeout; the drainer finds out when storage
-/// returns. The message written to the spool is the one
-/// the failed store sealed, if it got that far, so the event costs one data key either way.
+/// The store runs in its own task. When it exceeds the timeout, the task goes on and keeps the
+/// event's lock, so an overlapping delivery of the same body waits for it. Meanwhile the delivery
+/// spools the message the store sealed (both use one sealed message, see [`sealed_message`]). The
+/// drainer then finds the version stored, or stores it.
+///
+/// While a store timed out and the spool still contains events, the store is not attempted, so
+/// each delivery does not wait out the timeout; the drainer finds out when storage returns. A
+/// store that fails at once (a path that cannot be written) changes nothing for other calls.
 async fn store_or_spool(
-    state: &AppState,
+    state: &Arc<AppState>,
     practice: &Practice,
-    event: &Event,
-    body: &[u8],
+    event: &Arc<Event>,
+    body: &Arc<Zeroizing<Vec<u8>>>,
     timestamp_ms: u64,
 ) -> Result<Stored, ApiError> {
     let spool = &state.webhooks.spool;
-    let mut sealed = None;
+    let slot = Arc::new(SealedSlot::default());
     if !(spool.storage_down() && spool.holds_events()) {
         let timeout = std::time::Duration::from_secs(state.config.webhooks.store_timeout_secs);
-        let attempt = store_event(state, practice, event, body, timestamp_ms, &mut sealed);
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(Err(ApiError::StorageUnavailable(error))) => {
+        let task = tokio::spawn(store_and_forward(
+            Arc::clone(state),
+            practice.id.clone(),
+            Arc::clone(event),
+            Arc::clone(body),
+            timestamp_ms,
+            Arc::clone(&slot),
+        ));
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Err(ApiError::StorageUnavailable(error)))) => {
                 warn!(error = %error, "storing the webhook event failed; spooling it");
             }
-            Ok(result) => {
+            Ok(Ok(result)) => {
                 if result.is_ok() {
                     spool.set_storage_down(false);
                 }
                 return result;
             }
+            Ok(Err(join)) => return Err(ApiError::Internal(join.to_string())),
             Err(_elapsed) => {
                 warn!(
                     timeout_secs = timeout.as_secs(),
                     "storing the webhook event timed out; spooling it"
                 );
+                spool.set_storage_down(true);
             }
         }
-        spool.set_storage_down(true);
     }
 
     let base = event.artifact_base();
@@ -374,15 +424,33 @@ async fn store_or_spool(
         event.call.clone(),
         ArtifactName::new(version_name(&base, timestamp_ms, &event.digest))?,
     );
-    let message = match sealed {
-        Some(sealed) if sealed.id == id => sealed.message,
-        _ => seal(state, &id, body).await?,
-    };
+    let message = sealed_message(state, &slot, &id, body).await?;
     spool.put(&id, message).await.map_err(|error| {
         warn!(error = %error, "webhook event rejected: storage is unreachable and the spool cannot store it");
         ApiError::Spool(error)
     })?;
     Ok(Stored::Spooled)
+}
+
+/// Runs [`store_event`] and sends the downstream copy of a new version, in a task of its own
+/// that outlives a delivery that timed out or whose client went away.
+async fn store_and_forward(
+    state: Arc<AppState>,
+    practice_id: PracticeId,
+    event: Arc<Event>,
+    body: Arc<Zeroizing<Vec<u8>>>,
+    timestamp_ms: u64,
+    slot: Arc<SealedSlot>,
+) -> Result<Stored, ApiError> {
+    let practice = state
+        .config
+        .practice(&practice_id)
+        .ok_or(ApiError::Forbidden)?;
+    let stored = store_event(&state, practice, &event, &body, timestamp_ms, &slot).await?;
+    if let Stored::New { artifacts } = &stored {
+        forward_event(&state, practice, &event, artifacts).await;
+    }
+    Ok(stored)
 }
 
 /// Stores the raw event as a new version (unless this body is already stored), then records the
@@ -404,7 +472,7 @@ async fn store_event(
     event: &Event,
     body: &[u8],
     timestamp_ms: u64,
-    sealed: &mut Option<Sealed>,
+    sealed: &SealedSlot,
 ) -> Result<Stored, ApiError> {
     let base = event.artifact_base();
     let lock_key = format!("{}/{}/{base}", practice.id, event.call);
@@ -429,17 +497,7 @@ async fn store_event(
     let event_id = object(version_name(&base, version_timestamp, &event.digest))?;
     let is_new = stored_timestamp.is_none();
     if is_new {
-        let message = match sealed {
-            Some(sealed) if sealed.id == event_id => sealed.message.clone(),
-            _ => {
-                let message = seal(state, &event_id, body).await?;
-                *sealed = Some(Sealed {
-                    id: event_id.clone(),
-                    message: message.clone(),
-                });
-                message
-            }
-        };
+        let message = sealed_message(state, sealed, &event_id, body).await?;
         // An earlier attempt whose commit finished after its caller gave up already stored it.
         match put_sealed(state, &event_id, message).await {
             Ok(()) | Err(ApiError::AlreadyExists) => {}

@@ -40,7 +40,7 @@ use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
 use super::event::{Event, parse_version_name};
-use super::{Sealed, Stored, forward_event, store_event};
+use super::{Sealed, SealedSlot, Stored, forward_event, store_event};
 use crate::envelope::{
     ARTIFACT_KEY, CALL_KEY, Decryptor, MAX_HEADER_LEN, PRACTICE_KEY, ParsedHeader,
 };
@@ -127,13 +127,23 @@ impl Spool {
         };
         create_private_directory(directory).map_err(open_error)?;
         let mut contents = Contents::default();
+        // Odd entries never stop start-up: they are set aside or ignored, and logged.
         for entry in fs::read_dir(directory).map_err(open_error)? {
             let entry = entry.map_err(open_error)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if !entry.file_type().map_err(open_error)?.is_file() {
+            let file_name = entry.file_name();
+            let file_type = entry.file_type().map_err(open_error)?;
+            if file_name == QUARANTINE && file_type.is_dir() {
                 continue;
             }
+            if !file_type.is_file() {
+                warn!(entry = %file_name.to_string_lossy(), "ignoring a spool entry that is not a regular file");
+                continue;
+            }
+            let Ok(name) = file_name.clone().into_string() else {
+                set_aside(directory, &file_name, "a file name that is not UTF-8");
+                continue;
+            };
+            let path = entry.path();
             if name.starts_with('.') && name.ends_with(".tmp") {
                 fs::remove_file(&path).map_err(open_error)?;
                 continue;
@@ -147,10 +157,7 @@ impl Spool {
                         size,
                     });
                 }
-                Err(reason) => {
-                    error!(file = %name, reason, "spool file is not a callseal message; moving it to quarantine");
-                    quarantine_file(directory, &name).map_err(open_error)?;
-                }
+                Err(reason) => set_aside(directory, &file_name, reason),
             }
         }
         if !contents.files.is_empty() {
@@ -269,12 +276,17 @@ impl Spool {
     pub async fn remove(&self, spooled: &Spooled) -> io::Result<()> {
         let directory = self.directory.clone();
         let file = spooled.file.clone();
-        tokio::task::spawn_blocking(move || {
+        let removed = tokio::task::spawn_blocking(move || {
             fs::remove_file(directory.join(&file))?;
             sync_directory(&directory)
         })
         .await
-        .unwrap_or_else(|join| Err(io::Error::other(join)))?;
+        .unwrap_or_else(|join| Err(io::Error::other(join)));
+        if let Err(error) = removed
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            return Err(error);
+        }
         self.forget(spooled);
         self.metrics.record_spool("delivered");
         Ok(())
@@ -284,15 +296,21 @@ impl Spool {
     pub async fn quarantine(&self, spooled: &Spooled) -> io::Result<()> {
         let directory = self.directory.clone();
         let file = spooled.file.clone();
-        tokio::task::spawn_blocking(move || quarantine_file(&directory, &file))
+        let moved = tokio::task::spawn_blocking(move || quarantine_file(&directory, file.as_ref()))
             .await
-            .unwrap_or_else(|join| Err(io::Error::other(join)))?;
+            .unwrap_or_else(|join| Err(io::Error::other(join)));
+        if let Err(error) = moved
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            return Err(error);
+        }
         self.forget(spooled);
         self.metrics.record_spool("quarantined");
         Ok(())
     }
 
-    fn forget(&self, spooled: &Spooled) {
+    /// Drops a message from the index, for example one whose file was removed by hand.
+    pub fn forget(&self, spooled: &Spooled) {
         let mut contents = self.lock();
         if let Some(removed) = contents.files.remove(&spooled.file) {
             contents.bytes -= removed.size;
@@ -336,6 +354,8 @@ pub enum DeliveryError {
     Key(String),
     /// The message can never be delivered: quarantine it.
     Undeliverable(&'static str),
+    /// The file is gone, removed by hand: forget it.
+    Vanished,
 }
 
 /// Starts the task that delivers spooled messages until `shutdown` is cancelled.
@@ -386,17 +406,26 @@ async fn drain_pass(state: &AppState) -> bool {
             Ok(()) => {
                 spool.set_storage_down(false);
                 if let Err(error) = spool.remove(&spooled).await {
-                    // Left in place, it is delivered again later as a duplicate, which stores
-                    // nothing new.
-                    error!(file = %spooled.file, %error, "cannot remove a delivered spool file");
-                    return false;
+                    // Left in place, it is delivered again after the next start as a duplicate,
+                    // which stores nothing new.
+                    error!(file = %spooled.file, %error, "cannot remove a delivered spool file; ignoring it until the next start");
+                    spool.forget(&spooled);
                 }
                 info!(%practice, %call, "spooled webhook event delivered to storage");
             }
             Err(DeliveryError::Storage(reason)) => {
-                spool.set_storage_down(true);
-                warn!(%practice, %call, %reason, "spooled webhook events wait for storage");
-                return false;
+                // One path may fail while storage works: then only this message waits.
+                if !storage_answers(state).await {
+                    spool.set_storage_down(true);
+                    warn!(%practice, %call, %reason, "spooled webhook events wait for storage");
+                    return false;
+                }
+                warn!(%practice, %call, %reason, "spooled webhook event cannot be stored yet");
+                finished = false;
+            }
+            Err(DeliveryError::Vanished) => {
+                warn!(%practice, %call, file = %spooled.file, "spool file was removed by hand; forgetting it");
+                spool.forget(&spooled);
             }
             Err(DeliveryError::Key(reason)) => {
                 warn!(%practice, %call, %reason, "spooled webhook event waits for its practice's key");
@@ -405,13 +434,22 @@ async fn drain_pass(state: &AppState) -> bool {
             Err(DeliveryError::Undeliverable(reason)) => {
                 error!(%practice, %call, file = %spooled.file, reason, "spooled webhook event cannot be delivered; moving it to quarantine");
                 if let Err(error) = spool.quarantine(&spooled).await {
-                    error!(file = %spooled.file, %error, "cannot quarantine a spool file");
-                    return false;
+                    error!(file = %spooled.file, %error, "cannot quarantine a spool file; ignoring it until the next start");
+                    spool.forget(&spooled);
                 }
             }
         }
     }
     finished
+}
+
+/// Returns whether storage completes a listing within the store timeout.
+async fn storage_answers(state: &AppState) -> bool {
+    let timeout = Duration::from_secs(state.config.webhooks.store_timeout_secs);
+    matches!(
+        tokio::time::timeout(timeout, state.storage.check()).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Delivers one spooled message: copies it into storage as is, then completes the event's
@@ -422,7 +460,10 @@ async fn deliver_spooled(state: &AppState, spooled: &Spooled) -> Result<(), Deli
         .spool
         .read(spooled)
         .await
-        .map_err(|_| DeliveryError::Undeliverable("the spool file cannot be read"))?;
+        .map_err(|error| match error.kind() {
+            io::ErrorKind::NotFound => DeliveryError::Vanished,
+            _ => DeliveryError::Undeliverable("the spool file cannot be read"),
+        })?;
     let parsed = ParsedHeader::parse(&message)
         .ok()
         .flatten()
@@ -463,11 +504,11 @@ async fn deliver_spooled(state: &AppState, spooled: &Spooled) -> Result<(), Deli
     let event =
         Event::parse(&body).map_err(|_| DeliveryError::Undeliverable("not a webhook event"))?;
 
-    let mut sealed = Some(Sealed {
+    let sealed = SealedSlot::new(Some(Sealed {
         id,
         message: Bytes::from(message),
-    });
-    match store_event(state, practice, &event, &body, timestamp_ms, &mut sealed).await {
+    }));
+    match store_event(state, practice, &event, &body, timestamp_ms, &sealed).await {
         Ok(Stored::New { artifacts }) => {
             forward_event(state, practice, &event, &artifacts).await;
             Ok(())
@@ -481,9 +522,11 @@ async fn deliver_spooled(state: &AppState, spooled: &Spooled) -> Result<(), Deli
             | ApiError::KeyRefused(_)
             | ApiError::KeyUnavailable(_)),
         ) => Err(DeliveryError::Key(error.to_string())),
+        // Anything else (an artifact name the event makes invalid, a stored object that fails
+        // authentication) fails the same way every time.
         Err(error) => {
             error!(error = %error, "storing a spooled webhook event failed");
-            Err(DeliveryError::Storage(error.reason().to_owned()))
+            Err(DeliveryError::Undeliverable(error.reason()))
         }
     }
 }
@@ -553,7 +596,17 @@ fn write_file(directory: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     written
 }
 
-fn quarantine_file(directory: &Path, name: &str) -> io::Result<()> {
+/// Moves a file found at start-up that is not a spooled message to quarantine, or leaves it in
+/// place (ignored) if that fails.
+fn set_aside(directory: &Path, name: &std::ffi::OsStr, reason: &str) {
+    let shown = name.to_string_lossy();
+    error!(file = %shown, reason, "spool file is not a callseal message; moving it to quarantine");
+    if let Err(error) = quarantine_file(directory, name) {
+        error!(file = %shown, %error, "cannot move the file to quarantine; it stays in the spool, ignored");
+    }
+}
+
+fn quarantine_file(directory: &Path, name: &std::ffi::OsStr) -> io::Result<()> {
     let quarantine = directory.join(QUARANTINE);
     create_private_directory(&quarantine)?;
     fs::rename(directory.join(name), quarantine.join(name))?;
@@ -634,6 +687,21 @@ mod tests {
             .put(&id("x.json"), Bytes::from_static(b"message"))
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn odd_entries_do_not_stop_start_up() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file where the quarantine directory goes, so nothing can be quarantined.
+        fs::write(dir.path().join(QUARANTINE), b"in the way").unwrap();
+        let odd_name = std::ffi::OsStr::from_bytes(b"bad-\xff-name");
+        fs::write(dir.path().join(odd_name), b"not a message").unwrap();
+        fs::create_dir(dir.path().join("a-directory")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("dangling")).unwrap();
+        let spool = Spool::open(dir.path(), 1000, Metrics::new()).unwrap();
+        assert!(spool.list().is_empty());
+        assert!(dir.path().join(odd_name).exists(), "left in place, ignored");
     }
 
     #[test]

@@ -324,6 +324,9 @@ pub enum KmsFault {
     /// on it, as if the upstream could not be reached. Unlike the errors, this applies to every
     /// request, so a proxy in front of moto's S3 API simulates an S3 outage.
     Unreachable,
+    /// Forward every request, delaying S3 part uploads and multipart completions (requests with
+    /// an `uploadId`) by this long: a store that commits slowly.
+    SlowUploads(std::time::Duration),
 }
 
 impl KmsFault {
@@ -483,16 +486,27 @@ async fn proxy_request(
         .and_then(|target| target.strip_prefix("TrentService."))
         .map(str::to_owned);
     let Some(operation) = operation else {
-        if *lock(&shared.fault) == KmsFault::Unreachable {
-            return Err("the fault proxy simulates an unreachable upstream".into());
-        }
-        return forward(shared.upstream, request).await;
+        let fault = lock(&shared.fault).clone();
+        let upload = request
+            .uri()
+            .query()
+            .is_some_and(|query| query.contains("uploadId"));
+        return match fault {
+            KmsFault::Unreachable => {
+                Err("the fault proxy simulates an unreachable upstream".into())
+            }
+            KmsFault::SlowUploads(delay) if upload => {
+                tokio::time::sleep(delay).await;
+                forward(shared.upstream, request).await
+            }
+            _ => forward(shared.upstream, request).await,
+        };
     };
     *lock(&shared.requests).entry(operation).or_default() += 1;
 
     let fault = lock(&shared.fault).clone();
     match fault {
-        KmsFault::PassThrough => forward(shared.upstream, request).await,
+        KmsFault::PassThrough | KmsFault::SlowUploads(_) => forward(shared.upstream, request).await,
         KmsFault::Unreachable => Err("the fault proxy simulates an unreachable KMS".into()),
         KmsFault::Error {
             status,
