@@ -412,10 +412,24 @@ async fn webhook_flow(
     );
     println!("  read the event back byte for byte, as Retell signed it");
 
+    // The other media downloads run on; list the call once every job has finished, so that no
+    // half-written file (`{artifact}#{n}`) shows up as stored.
     let call_directory = directory.join(format!("data/{PRACTICE}/calls/{call}"));
-    let mut artifacts: Vec<String> = fs::read_dir(&call_directory)?
-        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .filter(|name| !name.starts_with("job."))
+    let list = || -> std::io::Result<Vec<String>> {
+        Ok(fs::read_dir(&call_directory)?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .collect())
+    };
+    while list()?.iter().any(|name| name.starts_with("job.")) {
+        ensure!(
+            Instant::now() < deadline,
+            "the media downloads did not finish within 60 seconds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut artifacts: Vec<String> = list()?
+        .into_iter()
+        .filter(|name| !name.starts_with("job.") && !name.contains('#'))
         .collect();
     artifacts.sort();
     println!("  stored for call {call}: {}", artifacts.join(", "));
