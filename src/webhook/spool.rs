@@ -7,10 +7,12 @@
 //! (`webhooks.spool_max_bytes`) or one that cannot be written gets a 503, and Retell retries.
 //!
 //! The drainer ([`spawn_drainer`]) copies spooled messages into storage oldest first, byte for
-//! byte, and completes each event's transcript, analysis and media jobs as a repeated delivery
-//! would. A file leaves the spool only after all of that is stored. While storage stays
-//! unreachable the drainer backs off, and new deliveries go straight to the spool instead of
-//! each waiting for the store timeout.
+//! byte (unless the same body is stored already), and completes each event's transcript,
+//! analysis and media jobs as a repeated delivery would. A file leaves the spool only after all
+//! of that is stored. When a store fails, the drainer requests a storage listing. If that fails
+//! too, storage is down and the drainer backs off. Otherwise only that message waits. After a
+//! store timed out, new deliveries go straight to the spool while it contains events, instead of
+//! each waiting for the timeout.
 //!
 //! The spool contains no plaintext: each file is a complete AWS Encryption SDK message whose header
 //! names the object it belongs to. Files are named `{received_ms}-{sequence}.esdk`, so name
@@ -18,7 +20,8 @@
 //! and the directory synced, so a crash leaves either a whole file or a temporary one, which the
 //! next start removes. A file that cannot be delivered at all moves to `quarantine/` beside the
 //! spool files: one that fails authentication, or whose practice is no longer configured.
-//! Nothing is deleted unread.
+//! Nothing is deleted unread, and quarantined files do not count against the spool's size; a
+//! file removed by hand is forgotten.
 //!
 //! NOTE: media links in a spooled event are downloaded only once the event is delivered. A link
 //! that expires during a long outage (Retell's live for about 10 minutes) is lost, and only a
