@@ -110,13 +110,13 @@ impl Outage {
             .expect("list the bucket");
         let mut objects = BTreeMap::new();
         for meta in listed {
-            let bytes = store
-                .get(&meta.location)
-                .await
-                .expect("get an object")
-                .bytes()
-                .await
-                .expect("read an object");
+            // Media workers delete finished job objects between the listing and the read.
+            let object = match store.get(&meta.location).await {
+                Ok(object) => object,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(error) => panic!("get {}: {error}", meta.location),
+            };
+            let bytes = object.bytes().await.expect("read an object");
             objects.insert(meta.location.to_string(), bytes.to_vec());
         }
         objects
@@ -393,4 +393,52 @@ async fn slow_store_and_redelivery_store_one_version() {
         .filter(|key| key.contains(&version_prefix))
         .collect();
     assert_eq!(stored_versions.len(), 1, "{stored_versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_call_leaves_others_stored() {
+    let outage = Outage::start(None).await;
+    let stuck = call_id(1);
+    outage
+        .s3_proxy
+        .set_fault(KmsFault::HangPath(format!("/calls/{stuck}/")));
+    let reply = outage
+        .deliver(&fixture_for_call("call_ended.json", &stuck))
+        .await;
+    assert_status(&reply, StatusCode::ACCEPTED, "the hanging call");
+    let healthy: Vec<String> = (2..=3).map(call_id).collect();
+    for call in &healthy {
+        let reply = outage
+            .deliver(&fixture_for_call("call_ended.json", call))
+            .await;
+        assert!(reply.status.is_success(), "{call}: {:?}", reply.body);
+    }
+
+    within_guard("the other calls reaching S3", async {
+        loop {
+            let objects = outage.bucket_objects().await;
+            let stored = |call: &String| {
+                let prefix = format!("/calls/{call}/event-call_ended.v");
+                objects.keys().any(|key| key.contains(&prefix))
+            };
+            if healthy.iter().all(stored) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+
+    outage.s3_proxy.set_fault(KmsFault::PassThrough);
+    outage.wait_until_drained().await;
+    let reader = outage.gateway.reader_token(PRACTICE).to_owned();
+    let reply = get_artifact(
+        &outage.client(),
+        &reader,
+        PRACTICE,
+        &stuck,
+        "event-call_ended.json",
+    )
+    .await;
+    assert_status(&reply, StatusCode::OK, "the hanging call once released");
 }

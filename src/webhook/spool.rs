@@ -58,6 +58,9 @@ pub const QUARANTINE: &str = "quarantine";
 /// The first and the longest wait between the drainer's attempts while storage is unreachable.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How many store timeouts one delivery of a spooled message may take before the drainer goes on
+/// to the next message: the drainer has no client waiting, so it gives large events more time.
+const DELIVERY_TIMEOUTS: u64 = 6;
 
 /// A spool operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -402,10 +405,21 @@ pub fn spawn_drainer(
 /// Tries every spooled message once, oldest first; returns whether all were delivered.
 async fn drain_pass(state: &AppState) -> bool {
     let spool = &state.webhooks.spool;
+    let timeout = Duration::from_secs(state.config.webhooks.store_timeout_secs * DELIVERY_TIMEOUTS);
     let mut finished = true;
     for spooled in spool.list() {
         let (practice, call) = (&spooled.id.practice, &spooled.id.call);
-        match deliver_spooled(state, &spooled).await {
+        // A message whose store hangs (or waits for a hanging store of the same event) must
+        // not hold up the others.
+        let outcome = tokio::time::timeout(timeout, deliver_spooled(state, &spooled))
+            .await
+            .unwrap_or_else(|_| {
+                Err(DeliveryError::Storage(format!(
+                    "no result within {} s",
+                    timeout.as_secs()
+                )))
+            });
+        match outcome {
             Ok(()) => {
                 spool.set_storage_down(false);
                 if let Err(error) = spool.remove(&spooled).await {

@@ -327,6 +327,9 @@ pub enum KmsFault {
     /// Forward every request, delaying S3 part uploads and multipart completions (requests with
     /// an `uploadId`) by this long: a store that commits slowly.
     SlowUploads(std::time::Duration),
+    /// Hold every request whose path contains this text until the fault changes, and forward the
+    /// others: one call whose store hangs.
+    HangPath(String),
 }
 
 impl KmsFault {
@@ -491,6 +494,13 @@ async fn proxy_request(
             .uri()
             .query()
             .is_some_and(|query| query.contains("uploadId"));
+        let held = |fault: &KmsFault| match fault {
+            KmsFault::HangPath(text) => request.uri().path().contains(text.as_str()),
+            _ => false,
+        };
+        while held(&lock(&shared.fault).clone()) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         return match fault {
             KmsFault::Unreachable => {
                 Err("the fault proxy simulates an unreachable upstream".into())
@@ -506,7 +516,9 @@ async fn proxy_request(
 
     let fault = lock(&shared.fault).clone();
     match fault {
-        KmsFault::PassThrough | KmsFault::SlowUploads(_) => forward(shared.upstream, request).await,
+        KmsFault::PassThrough | KmsFault::SlowUploads(_) | KmsFault::HangPath(_) => {
+            forward(shared.upstream, request).await
+        }
         KmsFault::Unreachable => Err("the fault proxy simulates an unreachable KMS".into()),
         KmsFault::Error {
             status,
