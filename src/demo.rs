@@ -360,13 +360,15 @@ async fn webhook_flow(
         .send()
         .await
         .context("webhook delivery failed")?;
+    // 202 means the store took longer than `webhooks.store_timeout_secs` on a busy machine and
+    // the event went to the spool; the recording then follows once the spool is drained.
+    let status = response.status().as_u16();
     ensure!(
-        response.status() == 204,
-        "webhook returned status {}",
-        response.status()
+        status == 204 || status == 202,
+        "webhook returned status {status}"
     );
     println!(
-        "  posted a signed call_ended webhook ({} bytes): 204",
+        "  posted a signed call_ended webhook ({} bytes): {status}",
         body.len()
     );
 

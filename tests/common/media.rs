@@ -103,6 +103,10 @@ path = "data"
 [keys]
 directory = "keys"
 
+# Local storage never hangs; see the same setting in retell.rs.
+[webhooks]
+store_timeout_secs = 600
+
 [media]
 allowed_hosts = ["localhost"]
 allow_loopback_for_tests = {loopback}

@@ -175,7 +175,10 @@ impl RetellSettings {
             practices.push('\n');
         }
 
-        let mut webhooks = String::new();
+        // Storage here is a local disk that fails at once when a test blocks a path, never by
+        // hanging. A long store timeout keeps large bodies from being spooled when the machine
+        // is slow, so the status a test expects does not depend on the load.
+        let mut webhooks = String::from("store_timeout_secs = 600\n");
         if let Some(bytes) = self.max_body_bytes {
             writeln!(webhooks, "max_body_bytes = {bytes}").expect("write to a String");
         }
