@@ -18,8 +18,8 @@ use common::media::{
     sha256_hex, wait_for_background_tasks, wav_recording,
 };
 use common::retell::{
-    ServeProcess, assert_accepted, call_files, deliver, digest_hex, get_artifact, new_api_key,
-    now_ms, post_signed, sign, version_name, versions,
+    ServeProcess, assert_accepted, call_dir, call_files, deliver, digest_hex, fixture_for_call,
+    get_artifact, new_api_key, now_ms, post_signed, sign, version_name, versions,
 };
 
 /// Length of the generated recording's samples: 10 MiB, so with its header the file exceeds 10 MiB.
@@ -480,5 +480,48 @@ async fn forward_job_survives_restart() {
     assert_eq!(listing.status, StatusCode::OK);
     let text = String::from_utf8_lossy(listing.bytes()).into_owned();
     assert!(!text.contains("forward."), "jobs are not listed: {text}");
+    process.stop().await;
+}
+
+/// An event stored while its transcript failed is spooled. Once the spool stores the transcript,
+/// the downstream copy is sent, because no earlier delivery completed the event.
+#[tokio::test]
+async fn forward_sent_after_spool_completes_event() {
+    let api_key = new_api_key();
+    let secret = canary("forward-secret");
+    let files = MediaSettings::default().create_files(&api_key);
+    let receiver = MediaServer::start(&files, |_| Reply::Status(204)).await;
+    let settings = MediaSettings {
+        forward: Some((receiver.url("/hook"), secret)),
+        ..MediaSettings::default()
+    };
+    settings.write_config(&files, &api_key);
+
+    let process = ServeProcess::spawn(&files, LOG_FILTER).await;
+    let admin = admin_addr(&process);
+    let call = "call_forward_completed";
+    let body = fixture_for_call("call_ended.json", call);
+    let timestamp = now_ms();
+    let blocker =
+        call_dir(&files, PRACTICE, call).join(version_name("transcript", timestamp, &body));
+    std::fs::create_dir_all(blocker.join("occupied")).expect("block the transcript's name");
+    let signature = sign(&api_key, &body, timestamp);
+    let reply = post_signed(
+        &client(&files, &process),
+        PRACTICE,
+        Some(&signature),
+        full_body(body.clone()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+
+    std::fs::remove_dir_all(&blocker).expect("unblock the transcript");
+    wait_for_background_tasks(admin, "forward", "stored", 1.0).await;
+    let posts: Vec<_> = receiver
+        .requests()
+        .into_iter()
+        .filter(|request| request.method == Method::POST)
+        .collect();
+    assert_eq!(posts.len(), 1, "one copy at the receiver");
     process.stop().await;
 }

@@ -314,7 +314,8 @@ async fn read_verified_body(
 enum Stored {
     /// The same body was already stored (or spooled) for this call and event type.
     Duplicate,
-    /// A new version was stored, with these artifacts.
+    /// A new version was stored, or an earlier delivery's missing transcript or analysis, with
+    /// these artifacts.
     New { artifacts: Vec<ObjectId> },
     /// Storage was unreachable; the encrypted event waits in the spool.
     Spooled,
@@ -505,6 +506,9 @@ async fn store_event(
         }
     }
     let mut artifacts = vec![event_id];
+    // Whether this call stored an artifact that an earlier, failed one left out. The event then
+    // counts as new: its downstream copy was not sent yet.
+    let mut completed_earlier = false;
 
     // Media jobs come before the derived artifacts: their links may expire within minutes.
     for (artifact, url) in event.media() {
@@ -534,12 +538,16 @@ async fn store_event(
             continue;
         }
         match store_bytes(state, &id, &content).await {
-            Ok(()) | Err(ApiError::AlreadyExists) => artifacts.push(id),
+            Ok(()) => {
+                completed_earlier = true;
+                artifacts.push(id);
+            }
+            Err(ApiError::AlreadyExists) => artifacts.push(id),
             Err(error) => return Err(error),
         }
     }
 
-    Ok(if is_new {
+    Ok(if is_new || completed_earlier {
         Stored::New { artifacts }
     } else {
         Stored::Duplicate
