@@ -360,8 +360,8 @@ async fn webhook_flow(
         .send()
         .await
         .context("webhook delivery failed")?;
-    // 202 means the store took longer than `webhooks.store_timeout_secs` on a busy machine and
-    // the event went to the spool; the recording then follows once the spool is drained.
+    // 202 means that the store took longer than `webhooks.store_timeout_secs` on a busy machine,
+    // so the event went to the spool. The recording then follows once the spool is drained.
     let status = response.status().as_u16();
     ensure!(
         status == 204 || status == 202,

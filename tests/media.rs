@@ -449,16 +449,16 @@ async fn forward_job_survives_restart() {
         1,
         "the forward job outlives the process"
     );
-    let refused = receiver.requests().len();
+    let failed_posts = receiver.requests().len();
 
     accepting.store(true, std::sync::atomic::Ordering::SeqCst);
     let process = ServeProcess::spawn(&files, LOG_FILTER).await;
     let admin = admin_addr(&process);
     wait_for_background_tasks(admin, "forward", "stored", 1.0).await;
     let posts = receiver.requests();
-    assert_eq!(posts.len(), refused + 1, "one POST after the restart");
+    assert_eq!(posts.len(), failed_posts + 1, "one POST after the restart");
     let copy: serde_json::Value =
-        serde_json::from_slice(&posts[refused].body).expect("the copy is JSON");
+        serde_json::from_slice(&posts[failed_posts].body).expect("the copy is JSON");
     assert_eq!(
         copy["call"]["call_id"], call,
         "call.call_id of the resent copy"

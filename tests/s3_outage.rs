@@ -248,19 +248,19 @@ async fn full_or_unwritable_spool_503() {
         "first event",
     );
     let second = fixture_for_call("call_ended.json", &call_id(2));
-    let refused = outage.deliver(&second).await;
-    assert_status(&refused, StatusCode::SERVICE_UNAVAILABLE, "spool full");
+    let rejected = outage.deliver(&second).await;
+    assert_status(&rejected, StatusCode::SERVICE_UNAVAILABLE, "spool full");
     assert!(
-        refused.error_message().contains("spool is full"),
+        rejected.error_message().contains("spool is full"),
         "{:?}",
-        refused.body
+        rejected.body
     );
-    assert!(refused.header("retry-after").is_some());
+    assert!(rejected.header("retry-after").is_some());
     assert_eq!(outage.spool_files().len(), 1, "the spooled event is kept");
 
     outage.s3_proxy.set_fault(KmsFault::PassThrough);
     outage.wait_until_drained().await;
-    // Retell's retry of the refused event now reaches S3 directly.
+    // Retell's retry of the rejected event now reaches S3 directly.
     assert_status(
         &outage.deliver(&second).await,
         StatusCode::NO_CONTENT,
@@ -273,16 +273,16 @@ async fn full_or_unwritable_spool_503() {
     fs::remove_dir_all(&spool_dir).expect("remove the spool directory");
     fs::write(&spool_dir, b"in the way").expect("put a file in its place");
     let third = fixture_for_call("call_ended.json", &call_id(3));
-    let refused = outage.deliver(&third).await;
+    let rejected = outage.deliver(&third).await;
     assert_status(
-        &refused,
+        &rejected,
         StatusCode::SERVICE_UNAVAILABLE,
         "spool unwritable",
     );
     assert!(
-        refused.error_message().contains("spool cannot be written"),
+        rejected.error_message().contains("spool cannot be written"),
         "{:?}",
-        refused.body
+        rejected.body
     );
 
     fs::remove_file(&spool_dir).expect("remove the file");

@@ -311,9 +311,9 @@ struct GatewayReadiness {
 impl Readiness for GatewayReadiness {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            // While storage is unreachable the spool takes webhook events, which have no second
-            // chance once Retell's retries run out, so the gateway stays in service as long as
-            // the spool has room; reads and uploads answer 503 meanwhile.
+            // While storage is unreachable, the spool stores webhook events, which are lost once
+            // Retell's retries run out. So the gateway stays in service while the spool has
+            // room, and reads and uploads return 503 meanwhile.
             if let Err(error) = self.state.storage.check().await {
                 let spool = &self.state.webhooks.spool;
                 if !spool.has_room() {

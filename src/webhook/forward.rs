@@ -148,15 +148,7 @@ pub async fn resume(state: &AppState) -> Result<usize, StorageError> {
     let Some(forwarder) = &state.webhooks.forwarder else {
         return Ok(0);
     };
-    let mut found = Vec::new();
-    for practice in &state.config.practices {
-        found.extend(
-            state
-                .storage
-                .find_artifacts(&practice.id, JOB_PREFIX)
-                .await?,
-        );
-    }
+    let found = super::media::find_jobs(state, JOB_PREFIX).await?;
     let count = found.len();
     for job in found {
         let forward = state

@@ -120,15 +120,7 @@ pub fn fetcher(settings: &MediaSettings) -> Result<Option<Fetcher>, super::fetch
 /// Queues every job object left in storage by an earlier run. Nothing is queued unless every
 /// practice's jobs were listed, so a retry after a failure queues no job twice.
 pub async fn resume(state: &AppState) -> Result<usize, crate::storage::StorageError> {
-    let mut found = Vec::new();
-    for practice in &state.config.practices {
-        found.extend(
-            state
-                .storage
-                .find_artifacts(&practice.id, JOB_PREFIX)
-                .await?,
-        );
-    }
+    let found = find_jobs(state, JOB_PREFIX).await?;
     let count = found.len();
     for job in found {
         state.webhooks.jobs.enqueue(job);
@@ -136,9 +128,9 @@ pub async fn resume(state: &AppState) -> Result<usize, crate::storage::StorageEr
     Ok(count)
 }
 
-/// Queues the media and forward jobs left by an earlier run ([`resume`], [`super::forward::resume`]),
-/// retrying while storage cannot list them, so that a gateway started during a storage outage
-/// still serves webhooks (which it spools) and resumes its jobs once storage returns.
+/// Queues the media and forward jobs left by an earlier run ([`resume`],
+/// [`super::forward::resume`]), and retries while storage cannot list them. A gateway started
+/// during a storage outage thus spools webhooks at once and resumes its jobs when storage returns.
 pub async fn resume_until_listed(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut backoff = std::time::Duration::from_millis(500);
     // Each kind of job is listed once: a retry only lists what failed.
@@ -175,6 +167,18 @@ pub async fn resume_until_listed(state: Arc<AppState>, shutdown: CancellationTok
         }
         backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
     }
+}
+
+/// Lists the objects of every configured practice whose artifact name starts with `prefix`.
+pub async fn find_jobs(
+    state: &AppState,
+    prefix: &str,
+) -> Result<Vec<ObjectId>, crate::storage::StorageError> {
+    let mut found = Vec::new();
+    for practice in &state.config.practices {
+        found.extend(state.storage.find_artifacts(&practice.id, prefix).await?);
+    }
+    Ok(found)
 }
 
 /// Starts `workers` download workers that run until `shutdown` is cancelled.

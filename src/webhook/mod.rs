@@ -372,8 +372,9 @@ async fn sealed_message(
 /// spools the message the store sealed (both use one sealed message, see [`sealed_message`]). The
 /// drainer then finds the version stored, or stores it.
 ///
-/// While a store timed out and the spool still contains events, the store is not attempted, so
-/// each delivery does not wait out the timeout; the drainer finds out when storage returns. A
+/// After a store timed out, and while the spool still contains events, the store is not
+/// attempted, so that each delivery does not wait out the timeout. The drainer finds out when
+/// storage returns. A
 /// store that fails at once (a path that cannot be written) changes nothing for other calls.
 async fn store_or_spool(
     state: &Arc<AppState>,

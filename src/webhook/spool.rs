@@ -1,7 +1,7 @@
 //! The webhook spool: verified events kept encrypted on local disk while storage is unreachable.
 //!
 //! A verified event whose store fails because storage is unreachable, or does not finish within
-//! `webhooks.store_timeout_secs`, is not refused. The gateway encrypts it exactly as its stored
+//! `webhooks.store_timeout_secs`, is not rejected. The gateway encrypts it exactly as its stored
 //! object would be (the practice's key, the object's encryption context), writes that message to
 //! the spool directory and responds with 202. Only a spool without room for the message
 //! (`webhooks.spool_max_bytes`) or one that cannot be written gets a 503, and Retell retries.
@@ -616,10 +616,10 @@ fn write_file(directory: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
 /// Moves a file found at start-up that is not a spooled message to quarantine, or leaves it in
 /// place (ignored) if that fails.
 fn set_aside(directory: &Path, name: &std::ffi::OsStr, reason: &str) {
-    let shown = name.to_string_lossy();
-    error!(file = %shown, reason, "spool file is not a callseal message; moving it to quarantine");
+    let file_name = name.to_string_lossy();
+    error!(file = %file_name, reason, "spool file is not a callseal message; moving it to quarantine");
     if let Err(error) = quarantine_file(directory, name) {
-        error!(file = %shown, %error, "cannot move the file to quarantine; it stays in the spool, ignored");
+        error!(file = %file_name, %error, "cannot move the file to quarantine; it stays in the spool, ignored");
     }
 }
 
@@ -660,16 +660,16 @@ mod tests {
         let spool = Spool::open(dir.path(), 100, Metrics::new()).unwrap();
         let first = id("event-call_ended.v0000000000001-00000000000000aa.json");
         spool.put(&first, Bytes::from(vec![1; 60])).await.unwrap();
-        let refused = spool.put(&id("x.json"), Bytes::from(vec![2; 41])).await;
+        let rejected = spool.put(&id("x.json"), Bytes::from(vec![2; 41])).await;
         assert!(
             matches!(
-                refused,
+                rejected,
                 Err(SpoolError::Full {
                     used: 60,
                     limit: 100
                 })
             ),
-            "{refused:?}"
+            "{rejected:?}"
         );
         spool
             .put(&id("y.json"), Bytes::from(vec![3; 40]))
@@ -689,12 +689,12 @@ mod tests {
         let spool = Spool::open(&spool_dir, 7, Metrics::new()).unwrap();
         fs::remove_dir(&spool_dir).unwrap();
         fs::write(&spool_dir, b"not a directory").unwrap();
-        let refused = spool
+        let rejected = spool
             .put(&id("x.json"), Bytes::from_static(b"message"))
             .await;
         assert!(
-            matches!(refused, Err(SpoolError::Unwritable(_))),
-            "{refused:?}"
+            matches!(rejected, Err(SpoolError::Unwritable(_))),
+            "{rejected:?}"
         );
         assert!(spool.list().is_empty());
         // The failed write released its reservation.

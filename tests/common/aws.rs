@@ -494,11 +494,11 @@ async fn proxy_request(
             .uri()
             .query()
             .is_some_and(|query| query.contains("uploadId"));
-        let held = |fault: &KmsFault| match fault {
+        let is_held = |fault: &KmsFault| match fault {
             KmsFault::HangPath(text) => request.uri().path().contains(text.as_str()),
             _ => false,
         };
-        while held(&lock(&shared.fault).clone()) {
+        while is_held(&lock(&shared.fault).clone()) {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         return match fault {
@@ -584,7 +584,7 @@ pub struct KmsGatewaySettings {
     pub data_key_cache_ttl_secs: Option<u64>,
     /// A Retell API key configured for every practice, so that it accepts webhooks.
     pub retell_key: Option<String>,
-    /// Extra lines of the `[webhooks]` table.
+    /// Lines added to the `[webhooks]` table.
     pub webhooks: Option<String>,
 }
 
